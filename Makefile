@@ -1,0 +1,34 @@
+# Two commands: `make train` and `make test`. Both create .venv and install the project when needed
+# (idempotent: a second call skips straight to the work).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup data train test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch is pinned to the CPU build these machines carry; a GPU machine may bring its own.
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fetch Multi30k (or use $$MT_DATA_MIRROR), tokenize and cache it. Extra Hydra overrides: ARGS="...".
+data: setup
+	$(PY) scripts/prepare_data.py $(filter data.%,$(ARGS))
+
+train: data
+	$(PY) scripts/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)

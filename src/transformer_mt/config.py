@@ -1,0 +1,273 @@
+"""Typed configuration: the one home of every default.
+
+Each stage takes the dataclass it needs (the model a `ModelConfig`, the batcher a `DataConfig`, ...),
+never a Hydra `DictConfig`. `transformer_mt.cli.hydra_setup.register_configs()` registers the same
+dataclasses in Hydra's ConfigStore, so a misspelt or mistyped override fails before any work starts.
+The YAML files under configs/ only *select* presets; they never introduce a key that is not here.
+
+Invariants a user can break from the command line are checked in `__post_init__` and raise
+`ConfigError` with a message that names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from transformer_mt.errors import ConfigError
+
+# Languages of Multi30k Task 1. A custom corpus may use any language spaCy has a blank pipeline for.
+MULTI30K_LANGS = ("en", "de", "fr", "cs")
+
+
+def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be > 0 (got {value})")
+
+
+def _non_negative(name: str, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"{name} must be >= 0 (got {value})")
+
+
+def _probability(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1) (got {value})")
+
+
+@dataclass
+class DataConfig:
+    """Which corpus, how it is tokenized, numericalized and batched."""
+
+    name: str = "multi30k"  # "multi30k" or "custom"
+    src: str = "de"
+    tgt: str = "en"
+    root: str = "data"  # downloads go to <root>/multi30k, prepared caches to <root>/cache
+    mirror: str | None = None  # directory or base URL replacing the download source (env MT_DATA_MIRROR)
+    # Custom corpus: [source_file, target_file] per split (name=custom only).
+    train: list[str] | None = None
+    valid: list[str] | None = None
+    test: list[str] | None = None
+    lowercase: bool = False
+    min_freq: int = 2
+    max_size: int | None = None  # largest vocabulary, specials included; None = no limit
+    shared_vocab: bool = False  # one vocabulary for both sides (needed for model.share_embeddings)
+    max_len: int = 100  # training pairs longer than this (tokens, either side) are filtered out
+    max_tokens: int = 4096  # token budget of one batch (padded size, the longer side)
+    limit_train: int | None = None  # keep only the first N training pairs (quick runs)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("multi30k", "custom"):
+            raise ConfigError(f"data.name must be 'multi30k' or 'custom' (got {self.name!r})")
+        if self.src == self.tgt:
+            raise ConfigError(
+                f"data.src and data.tgt are both {self.src!r}: pick two different languages"
+            )
+        if self.name == "multi30k":
+            for key in ("src", "tgt"):
+                lang = getattr(self, key)
+                if lang not in MULTI30K_LANGS:
+                    raise ConfigError(
+                        f"data.{key}={lang!r} is not a Multi30k language "
+                        f"(choose from {', '.join(MULTI30K_LANGS)}, or use data=custom)"
+                    )
+        _positive("data.min_freq", self.min_freq)
+        _positive("data.max_size", self.max_size, allow_none=True)
+        _positive("data.max_len", self.max_len)
+        _positive("data.max_tokens", self.max_tokens)
+        _positive("data.limit_train", self.limit_train, allow_none=True)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. `arch=transformer` is the main model, `arch=rnn` the Bahdanau baseline."""
+
+    name: str = "base"  # preset name, used in readable run names
+    arch: str = "transformer"  # "transformer" or "rnn"
+    d_model: int = 512  # model width D (rnn: embedding and hidden size)
+    n_heads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    pre_norm: bool = False  # False = post-norm, as in "Attention Is All You Need"
+    tie_output: bool = True  # decoder input embedding = output projection weights
+    share_embeddings: bool = False  # source and target share one embedding (needs data.shared_vocab)
+    max_positions: int = 1024  # longest sequence the positional table holds
+    fast_attention: bool = True  # scaled_dot_product_attention kernel; False = explicit softmax(QK^T)V
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("transformer", "rnn"):
+            raise ConfigError(f"model.arch must be 'transformer' or 'rnn' (got {self.arch!r})")
+        for key in ("d_model", "n_heads", "enc_layers", "dec_layers", "d_ff", "max_positions"):
+            _positive(f"model.{key}", getattr(self, key))
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
+                "every head needs d_model / n_heads dimensions"
+            )
+        _probability("model.dropout", self.dropout)
+        _probability("model.attention_dropout", self.attention_dropout)
+
+
+@dataclass
+class OptimConfig:
+    """Adam with linear warmup, then ReduceLROnPlateau on the monitored validation metric."""
+
+    lr: float = 5e-4  # peak learning rate, reached at the end of warmup
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    plateau_factor: float = 0.5  # lr *= factor after `plateau_patience` epochs without improvement
+    plateau_patience: int = 2
+    min_lr: float = 1e-6
+    clip_norm: float = 1.0  # max global gradient norm; 0 disables clipping
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.warmup_steps", self.warmup_steps)
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ConfigError(f"optim.plateau_factor must be in (0, 1) (got {self.plateau_factor})")
+        _non_negative("optim.plateau_patience", self.plateau_patience)
+        _non_negative("optim.min_lr", self.min_lr)
+        _non_negative("optim.clip_norm", self.clip_norm)
+        _probability("optim.label_smoothing", self.label_smoothing)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {self.betas})")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: device, length, checkpoints, logging, resume."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 1234
+    max_epochs: int = 30
+    max_steps: int | None = None  # stop after this many optimizer steps
+    max_time: float | None = None  # minutes of training; stops after the epoch that crosses it
+    patience: int = 6  # early stopping: epochs without improvement of `monitor`; 0 disables
+    monitor: str = "val_bleu"  # val_bleu (higher is better) or val_loss (lower is better)
+    keep_last: int = 5  # epoch_<n>.pt files kept
+    average_last: int = 0  # at the end, average the last k epoch checkpoints into averaged.pt (0 = off)
+    resume: bool = False  # continue run `run_name` from saved/<run_name>/last.pt
+    accumulate: int = 1  # gradient accumulation: optimizer step every N batches
+    compile: bool = False  # torch.compile the model
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    log_every: int = 50  # steps between TensorBoard train/* points
+    num_samples: int = 3  # sample translations shown per epoch
+    skip_nonfinite: bool = False  # on a NaN/inf loss: False = stop the run, True = skip the batch
+    val_batch_size: int = 128  # sentences per validation decoding batch
+    progress: bool = True  # per-step progress bar
+
+    def __post_init__(self) -> None:
+        if self.monitor not in ("val_bleu", "val_loss"):
+            raise ConfigError(
+                f"trainer.monitor must be 'val_bleu' or 'val_loss' (got {self.monitor!r})"
+            )
+        _positive("trainer.max_epochs", self.max_epochs)
+        _positive("trainer.max_steps", self.max_steps, allow_none=True)
+        _positive("trainer.max_time", self.max_time, allow_none=True)
+        _non_negative("trainer.patience", self.patience)
+        _non_negative("trainer.keep_last", self.keep_last)
+        _non_negative("trainer.average_last", self.average_last)
+        _positive("trainer.accumulate", self.accumulate)
+        _positive("trainer.log_every", self.log_every)
+        _non_negative("trainer.num_samples", self.num_samples)
+        _positive("trainer.val_batch_size", self.val_batch_size)
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings shared by validation, evaluate and translate."""
+
+    beam_size: int = 1  # 1 = greedy
+    length_penalty: float = 0.6  # GNMT alpha: score / ((5 + len) / 6) ** alpha; 0 = raw log-prob
+    max_len_a: int = 10  # hypotheses stop at max_len_a + max_len_b * source_length tokens
+    max_len_b: float = 1.5
+    nbest: int = 1
+    batch_size: int = 128  # sentences per decoding batch
+
+    def __post_init__(self) -> None:
+        _positive("decode.beam_size", self.beam_size)
+        _non_negative("decode.length_penalty", self.length_penalty)
+        _non_negative("decode.max_len_a", self.max_len_a)
+        _non_negative("decode.max_len_b", self.max_len_b)
+        _positive("decode.nbest", self.nbest)
+        _positive("decode.batch_size", self.batch_size)
+        if self.nbest > self.beam_size:
+            raise ConfigError(
+                f"decode.nbest={self.nbest} exceeds decode.beam_size={self.beam_size}: "
+                "n-best lists come from the beam"
+            )
+
+
+@dataclass
+class PrepareConfig:
+    """`scripts/prepare_data.py`: fetch, tokenize and cache a corpus."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class TrainConfig:
+    """`scripts/train.py`: the whole training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    run_name: str = MISSING  # set by configs/train.yaml to a readable name with a timestamp
+    saved_dir: str = "saved"  # checkpoints: <saved_dir>/<run_name>/
+    result_dir: str = "result"  # logs: <result_dir>/<run_name>/ (also Hydra's run dir)
+
+
+@dataclass
+class EvaluateConfig:
+    """`scripts/evaluate.py`: score a checkpoint on a split or on a pair of files."""
+
+    checkpoint: str = MISSING
+    split: str = "test2016"
+    src_file: str | None = None  # with ref_file: score these files instead of a corpus split
+    ref_file: str | None = None
+    device: str = "auto"
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    result_dir: str = "result"  # hypotheses go to <result_dir>/<run_name>/eval/
+    data_root: str | None = None  # where the corpus lives, if not where the checkpoint's run had it
+    mirror: str | None = None
+
+
+def to_dataclass(cls: type, node: Any) -> Any:
+    """Build dataclass `cls` from a mapping (a plain dict or an OmegaConf node), running its checks."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    kwargs = {}
+    for name in cls.__dataclass_fields__:
+        if name not in node:
+            continue
+        value = node[name]
+        sub = _DATACLASS_FIELDS.get((cls, name))
+        kwargs[name] = to_dataclass(sub, value) if sub is not None and value is not None else value
+    return cls(**kwargs)
+
+
+_DATACLASS_FIELDS: dict[tuple[type, str], type] = {
+    (PrepareConfig, "data"): DataConfig,
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "model"): ModelConfig,
+    (TrainConfig, "optim"): OptimConfig,
+    (TrainConfig, "trainer"): TrainerConfig,
+    (TrainConfig, "decode"): DecodeConfig,
+    (EvaluateConfig, "decode"): DecodeConfig,
+}

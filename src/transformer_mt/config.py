@@ -100,6 +100,7 @@ class ModelConfig:
     share_embeddings: bool = False  # source and target share one embedding (needs data.shared_vocab)
     max_positions: int = 1024  # longest sequence the positional table holds
     fast_attention: bool = True  # scaled_dot_product_attention kernel; False = explicit softmax(QK^T)V
+    input_feeding: bool = False  # rnn only: feed the previous attentional output into the next step
 
     def __post_init__(self) -> None:
         if self.arch not in ("transformer", "rnn"):
@@ -110,6 +111,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
                 "every head needs d_model / n_heads dimensions"
+            )
+        if self.arch == "rnn" and self.d_model % 2:
+            raise ConfigError(
+                f"model.d_model={self.d_model} must be even for arch=rnn: "
+                "each direction of the bidirectional encoder gets d_model / 2 units"
             )
         _probability("model.dropout", self.dropout)
         _probability("model.attention_dropout", self.attention_dropout)

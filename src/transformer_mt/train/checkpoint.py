@@ -16,10 +16,12 @@ Keys (format 1):
     metrics         dict[str, float]: the last validation metrics
     train_state     dict (only in last.pt / epoch_<n>.pt): optimizer, scheduler, scaler,
                     sampler position, RNG states, best metric, ... enough to resume exactly.
+    averaged_from   list[str] (only in an averaged checkpoint): the files whose weights it averages
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -54,10 +56,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException as err:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        except OSError:
-            pass
         if isinstance(err, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
         raise
@@ -94,7 +94,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"refusing to load {path}: it is not a plain-data checkpoint ({first[:160]})"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt)") from err
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt)"
+        ) from err
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a transformer-mt checkpoint (missing keys)")
     if payload["format_version"] != CHECKPOINT_FORMAT:
@@ -114,3 +116,35 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def average_checkpoints(paths: list[str | os.PathLike]) -> dict[str, Any]:
+    """A checkpoint whose weights are the element-wise mean of those in `paths`.
+
+    Averaging the last few epoch checkpoints usually gains a little BLEU for free. Config,
+    vocabularies and counters come from the last file; the training state is dropped (an averaged
+    model is for evaluation, not for resuming). Integer buffers are taken from the last file.
+    """
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    payloads = [load_checkpoint(path) for path in paths]
+    last = payloads[-1]
+    for path, payload in zip(paths, payloads, strict=True):
+        if (
+            payload["model_config"] != last["model_config"]
+            or payload["model"].keys() != last["model"].keys()
+        ):
+            raise CheckpointError(
+                f"cannot average {path} with {paths[-1]}: they hold different model architectures"
+            )
+    weights = {}
+    for name, tensor in last["model"].items():
+        if tensor.is_floating_point():
+            total = sum(payload["model"][name].double() for payload in payloads)
+            weights[name] = (total / len(payloads)).to(tensor.dtype)
+        else:
+            weights[name] = tensor
+    averaged = {key: value for key, value in last.items() if key != "train_state"}
+    averaged["model"] = weights
+    averaged["averaged_from"] = [Path(path).name for path in paths]
+    return averaged

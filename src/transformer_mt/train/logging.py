@@ -1,0 +1,183 @@
+"""What a run leaves in `result/<run>/`: metrics.csv / metrics.jsonl, TensorBoard events, curves.png.
+
+Only rank 0 writes; on the other ranks a `RunLogger(enabled=False)` does nothing. Every file is
+written so that a crash at any moment leaves it readable: metrics are appended a whole line at a
+time and flushed, the PNG is written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METRIC_COLUMNS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "val_bleu",
+    "lr",
+    "tokens_per_s",
+    "epoch_seconds",
+)
+
+
+class RunLogger:
+    """Metrics files, TensorBoard and the curves plot of one run.
+
+    `start_step` > 0 continues a resumed run: metric rows and TensorBoard points written after
+    that step by the interrupted session are dropped, so the logs match the checkpoint.
+    """
+
+    def __init__(self, folder: Path, enabled: bool = True, start_step: int = 0):
+        self.folder = folder
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        self.csv_path = folder / "metrics.csv"
+        self.jsonl_path = folder / "metrics.jsonl"
+        self.curves_path = folder / "curves.png"
+        self.rows = _read_rows(self.jsonl_path, start_step) if start_step > 0 else []
+        _rewrite_metrics(self.csv_path, self.jsonl_path, self.rows)
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(
+            log_dir=str(folder), purge_step=start_step if start_step > 0 else None
+        )
+
+    def train_point(self, step: int, scalars: dict[str, float]) -> None:
+        """TensorBoard `train/<name>` scalars at optimizer step `step`."""
+        if self.writer is None:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def epoch_row(self, row: dict[str, Any]) -> None:
+        """Append one epoch's metrics to metrics.csv and metrics.jsonl; TensorBoard val/* points."""
+        if not self.enabled:
+            return
+        row = {key: row.get(key) for key in METRIC_COLUMNS}
+        self.rows.append(row)
+        with open(self.csv_path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=METRIC_COLUMNS).writerow(row)
+            handle.flush()
+        with open(self.jsonl_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+        for name in ("loss", "ppl", "bleu"):
+            value = row[f"val_{name}"]
+            if value is not None:
+                self.writer.add_scalar(f"val/{name}", value, row["step"])
+        self.writer.flush()
+        write_curves(self.rows, self.curves_path)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def figure(self, tag: str, figure: Figure, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_figure(tag, figure, step, close=False)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        """The run's hyper-parameters with its final metrics, for TensorBoard's HPARAMS tab."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        plain = {
+            key: v if isinstance(v, int | float | str | bool) else str(v)
+            for key, v in hparams.items()
+        }
+        metrics = {f"hparam/{key}": float(value) for key, value in metrics.items()}
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams_summary(plain, metrics):
+            file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Loss (train and validation) and validation BLEU over epochs, as a PNG written atomically."""
+    epochs = [row["epoch"] for row in rows]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_ax, bleu_ax = figure.subplots(1, 2)
+    for key, label in (("train_loss", "train (label-smoothed)"), ("val_loss", "validation")):
+        loss_ax.plot(epochs, [_nan(row[key]) for row in rows], marker="o", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="loss per target token", title="Loss")
+    loss_ax.legend()
+    bleu_ax.plot(epochs, [_nan(row["val_bleu"]) for row in rows], marker="o", color="tab:green")
+    bleu_ax.set(xlabel="epoch", ylabel="BLEU", title="Validation BLEU")
+    for ax in (loss_ax, bleu_ax):
+        ax.grid(alpha=0.3)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def attach_log_file(path: Path) -> None:
+    """Also write the root logger's records to `path`, unless a handler already does."""
+    root = logging.getLogger()
+    target = os.path.abspath(path)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == target:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.addHandler(handler)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _read_rows(jsonl_path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    if not jsonl_path.is_file():
+        return []
+    rows = []
+    for line in jsonl_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if row.get("step", 0) <= up_to_step:
+            rows.append(row)
+    return rows
+
+
+def _rewrite_metrics(csv_path: Path, jsonl_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Start both files afresh with `rows` (temp file + rename, so a crash keeps the old ones)."""
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows({key: row.get(key) for key in METRIC_COLUMNS} for row in rows)
+    os.replace(tmp, csv_path)
+    tmp = jsonl_path.with_name(f".{jsonl_path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, jsonl_path)

@@ -1,0 +1,132 @@
+"""Adam, its parameter groups, and the learning-rate schedule: linear warmup, then plateau decay.
+
+The schedule has two clocks. During the first `warmup_steps` optimizer steps the rate climbs linearly
+to its peak (`warmup_lr`); after that it only changes at the end of an epoch, when the monitored
+validation metric has not improved for `plateau_patience` epochs (`PlateauSchedule.epoch_end`).
+The schedule's state is plain numbers, so it fits a `weights_only` checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from transformer_mt.config import OptimConfig
+
+# Metrics where a larger value is better; every other monitored metric is a loss.
+HIGHER_IS_BETTER = ("val_bleu",)
+
+
+def is_improvement(value: float, best: float | None, monitor: str) -> bool:
+    """Whether `value` of metric `monitor` beats `best` (None = nothing seen yet)."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if monitor in HIGHER_IS_BETTER else value < best
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices get weight decay; biases, norms and other vectors do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0.0:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, device: torch.device
+) -> torch.optim.Adam:
+    """Adam(β1, β2, ε) as configured; the fused kernel on CUDA, the foreach one elsewhere.
+
+    The initial learning rate is the one for step 1 of the warmup.
+    """
+    fused = device.type == "cuda"
+    return torch.optim.Adam(
+        param_groups(model, cfg.weight_decay),
+        lr=warmup_lr(1, cfg.lr, cfg.warmup_steps),
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): `peak_lr * step / warmup_steps`, then flat."""
+    if warmup_steps <= 0:
+        return peak_lr
+    return peak_lr * min(1.0, step / warmup_steps)
+
+
+@dataclass
+class PlateauSchedule:
+    """Linear warmup to `peak_lr`, then `lr *= factor` after `patience` epochs without improvement.
+
+    `lr(step)` is the rate for optimizer step `step`; `epoch_end(metric)` is called once per epoch
+    with the monitored validation metric and lowers the plateau level when it stalls. The level never
+    goes below `min_lr`. Same rule as torch's ReduceLROnPlateau (no threshold, no cooldown), except
+    that the drop comes on the `patience`-th bad epoch rather than the one after it.
+    """
+
+    peak_lr: float
+    warmup_steps: int
+    factor: float
+    patience: int
+    min_lr: float
+    monitor: str = "val_bleu"
+    level: float = 0.0  # the post-warmup rate; starts at peak_lr
+    best: float | None = None
+    bad_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.level == 0.0:
+            self.level = self.peak_lr
+
+    @classmethod
+    def from_config(cls, cfg: OptimConfig, monitor: str) -> PlateauSchedule:
+        return cls(
+            peak_lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr,
+            monitor=monitor,
+        )
+
+    def lr(self, step: int) -> float:
+        """Rate for optimizer step `step` (1-based)."""
+        return warmup_lr(step, self.level, self.warmup_steps)
+
+    def epoch_end(self, metric: float) -> bool:
+        """Record one epoch's monitored metric; return True when the rate was lowered."""
+        if is_improvement(metric, self.best, self.monitor):
+            self.best = metric
+            self.bad_epochs = 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs < self.patience or self.level <= self.min_lr:
+            return False
+        self.level = max(self.level * self.factor, self.min_lr)
+        self.bad_epochs = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the running state; the settings stay those of the current config."""
+        self.level = state["level"]
+        self.best = state["best"]
+        self.bad_epochs = state["bad_epochs"]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

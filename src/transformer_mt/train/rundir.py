@@ -1,0 +1,169 @@
+"""The folders of one run and the rules that keep a user's work safe.
+
+- `saved/<run>/` holds checkpoints; `result/<run>/` holds logs, metrics and plots.
+- A new run never writes into a folder that already holds checkpoints (resume it or pick another name).
+- Only one process trains a run at a time: `saved/<run>/train.lock` holds the owner's PID and host;
+  a lock whose process is gone (a crash, a kill -9) is recognised as stale and taken over.
+- A folder that cannot be written stops the run before training, with an error naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformer_mt.errors import CheckpointError, UserError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "train.lock"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where run `name` keeps its files."""
+
+    name: str
+    saved: Path  # saved/<run>/
+    result: Path  # result/<run>/
+
+    @classmethod
+    def create(cls, name: str, saved_dir: str | Path, result_dir: str | Path) -> RunPaths:
+        if not name or "/" in name or name in (".", ".."):
+            raise UserError(f"run_name={name!r} is not a valid folder name: pick a plain name")
+        return cls(name, Path(saved_dir) / name, Path(result_dir) / name)
+
+    @property
+    def last(self) -> Path:
+        return self.saved / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.saved / "best.pt"
+
+    @property
+    def averaged(self) -> Path:
+        return self.saved / "averaged.pt"
+
+    def epoch(self, epoch: int) -> Path:
+        return self.saved / f"epoch_{epoch}.pt"
+
+    def epoch_checkpoints(self) -> list[Path]:
+        """The `epoch_<n>.pt` files of this run, oldest first."""
+        return epoch_checkpoints(self.saved)
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.saved.glob("*.pt")) if self.saved.is_dir() else []
+
+
+def epoch_checkpoints(folder: Path) -> list[Path]:
+    """The `epoch_<n>.pt` files in `folder`, sorted by n."""
+    found = []
+    for path in folder.glob("epoch_*.pt"):
+        number = path.stem.removeprefix("epoch_")
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there; else a one-line error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write to {folder}: {err.strerror or err}; "
+            "free some space or point saved_dir / result_dir at a writable folder"
+        ) from err
+
+
+def check_start(paths: RunPaths, resume: bool) -> None:
+    """Refuse a new run over existing checkpoints, and a resume with nothing to resume."""
+    if resume and not paths.last.is_file():
+        raise CheckpointError(
+            f"trainer.resume=true but {paths.last} does not exist: check run_name={paths.name}, "
+            "or drop trainer.resume to start a new run"
+        )
+    if not resume and paths.checkpoints():
+        raise UserError(
+            f"{paths.saved} already holds checkpoints of run {paths.name!r}: "
+            "add trainer.resume=true to continue it, or pick another run_name"
+        )
+
+
+class RunLock:
+    """An exclusive lock on one run folder, held by this process until `release()`."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; UserError when a live process holds it.
+
+        The lock appears complete or not at all: its content is written to a temp file first and
+        then hard-linked to the lock name, which fails if another process got there first.
+        """
+        owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(owner))
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    holder = _read_owner(self.path)
+                    if holder is not None and _is_alive(holder):
+                        raise UserError(
+                            f"run {self.path.parent.name!r} is already being trained by process "
+                            f"{holder['pid']} on {holder['host']} (lock {self.path}): "
+                            "wait for it to finish, or pick another run_name"
+                        ) from None
+                    log.warning("taking over stale lock %s (owner %s is gone)", self.path, holder)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                self.held = True
+                return
+        except OSError as err:
+            raise UserError(
+                f"cannot write to {self.path.parent}: {err.strerror or err}; "
+                "free some space or point saved_dir at a writable folder"
+            ) from err
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise UserError(f"could not take the lock {self.path}: remove it if no run is using it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _read_owner(path: Path) -> dict | None:
+    try:
+        owner = json.loads(path.read_text())
+        return {"pid": int(owner["pid"]), "host": str(owner["host"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: treated as stale
+
+
+def _is_alive(owner: dict) -> bool:
+    """Whether the lock's owner may still be running (a lock from another host is assumed live)."""
+    if owner["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

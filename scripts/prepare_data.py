@@ -1,0 +1,5 @@
+"""Fetch, tokenize and cache a corpus: `python scripts/prepare_data.py [data.src=en data.tgt=fr ...]`."""
+
+from transformer_mt.cli.prepare import main
+
+main()

@@ -1,0 +1,65 @@
+"""`mt-prepare` / `python scripts/prepare_data.py [data.* overrides]`: fetch, tokenize and cache a corpus.
+
+Prints where the cache is, pairs per split, vocabulary sizes, what was dropped or filtered, and the
+share of padding that token-budget batches leave at `data.max_tokens` (against fixed-size batches of
+random sentences).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from transformer_mt.cli.common import CONFIG_DIR, register_configs, report_user_errors
+from transformer_mt.config import DataConfig, PrepareConfig, to_dataclass
+from transformer_mt.data.batching import padding_report
+from transformer_mt.data.dataset import PreparedData, load_or_prepare
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="prepare", version_base="1.3")
+@report_user_errors
+def _prepare(node: DictConfig) -> None:
+    cfg = to_dataclass(PrepareConfig, node).data
+    data = load_or_prepare(cfg)
+    print(summary(data, cfg))
+
+
+def summary(data: PreparedData, cfg: DataConfig) -> str:
+    """What a user wants to know about a prepared corpus, as a few lines of text."""
+    counts = data.manifest["counts"]
+    lines = [f"prepared data: {data.path}", f"  {'split':<12}{'pairs':>8}"]
+    for name in data.splits:
+        line = f"  {name:<12}{counts[name]['pairs']:>8}"
+        if name == "train":
+            line += (
+                f"  (of {counts[name]['lines']} lines: dropped {counts[name]['dropped_empty']} "
+                f"with an empty side, filtered {counts[name]['filtered_long']} longer than "
+                f"data.max_len={cfg.max_len} tokens)"
+            )
+        lines.append(line)
+    if cfg.shared_vocab:
+        lines.append(f"vocabulary (shared): {len(data.src_vocab)} tokens")
+    else:
+        lines.append(
+            f"vocabulary: {cfg.src} {len(data.src_vocab)} tokens, {cfg.tgt} {len(data.tgt_vocab)} tokens"
+        )
+    if cfg.limit_train is not None:
+        lines.append(
+            f"data.limit_train={cfg.limit_train}: training on {len(data.splits['train'])} pairs"
+        )
+    report = padding_report(data.splits["train"], cfg.max_tokens)
+    lines.append(
+        f"padding at data.max_tokens={cfg.max_tokens}: {report.bucket_share:.1%} of source + target "
+        f"positions ({report.num_batches} batches, {report.mean_sentences:.1f} sentences each); "
+        f"fixed batches of {report.fixed_batch_size} random sentences: {report.fixed_share:.1%}"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    register_configs()
+    _prepare()
+
+
+if __name__ == "__main__":
+    main()

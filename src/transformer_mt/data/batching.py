@@ -1,0 +1,265 @@
+"""Batches by token budget: length buckets, a seeded per-epoch shuffle, DDP shards, padding.
+
+Sentences of similar length are batched together until the padded size of the batch,
+`len(batch) * max(longest source, longest target)` (specials included), would exceed `max_tokens`,
+as fairseq does. That keeps the work per step even and the padding small.
+
+A source is fed as `x + [EOS]`; a target as `tgt_in = [BOS] + y`, predicted as `tgt_out = y + [EOS]`.
+Every length given to this module is the length of `x` or `y`, without specials; the one special each
+side gets is added here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from transformer_mt.data.vocab import BOS, EOS, PAD
+
+if TYPE_CHECKING:
+    from transformer_mt.data.dataset import SplitData
+
+Example = tuple[int, Sequence[int], Sequence[int]]  # (index in the split, source ids, target ids)
+
+
+@dataclass
+class Batch:
+    """A right-padded batch. Shapes: B sentences, S source length, T target length."""
+
+    src: torch.Tensor  # (B, S) x + EOS, then PAD
+    tgt_in: torch.Tensor  # (B, T) BOS + y, then PAD
+    tgt_out: torch.Tensor  # (B, T) y + EOS, then PAD
+    src_lengths: torch.Tensor  # (B,) non-pad source tokens (EOS included)
+    tgt_lengths: torch.Tensor  # (B,) non-pad target tokens (BOS / EOS included)
+    indices: torch.Tensor  # (B,) positions of the examples in their split
+    num_tgt_tokens: int  # non-pad tokens of tgt_out: the loss normaliser (no device sync needed)
+
+    @property
+    def src_pad_mask(self) -> torch.Tensor:
+        """(B, S) bool, True = padding."""
+        return self.src == PAD
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True), so that `to(cuda, non_blocking=True)` overlaps."""
+        return self._map(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    def _map(self, fn) -> Batch:
+        moved = {
+            f.name: fn(value) if isinstance(value := getattr(self, f.name), torch.Tensor) else value
+            for f in fields(self)
+        }
+        return Batch(**moved)
+
+
+def collate(examples: Sequence[Example]) -> Batch:
+    """Pad `(index, src_ids, tgt_ids)` examples to the longest sequence of the batch."""
+    indices = [index for index, _, _ in examples]
+    src = [[*x, EOS] for _, x, _ in examples]
+    tgt_in = [[BOS, *y] for _, _, y in examples]
+    tgt_out = [[*y, EOS] for _, _, y in examples]
+    src_lengths = [len(s) for s in src]
+    tgt_lengths = [len(t) for t in tgt_in]
+    return Batch(
+        src=_pad(src, max(src_lengths, default=0)),
+        tgt_in=_pad(tgt_in, max(tgt_lengths, default=0)),
+        tgt_out=_pad(tgt_out, max(tgt_lengths, default=0)),
+        src_lengths=torch.tensor(src_lengths, dtype=torch.long),
+        tgt_lengths=torch.tensor(tgt_lengths, dtype=torch.long),
+        indices=torch.tensor(indices, dtype=torch.long),
+        num_tgt_tokens=sum(tgt_lengths),
+    )
+
+
+def _pad(seqs: list[list[int]], length: int) -> torch.Tensor:
+    return torch.tensor([s + [PAD] * (length - len(s)) for s in seqs], dtype=torch.long).view(
+        len(seqs), length
+    )
+
+
+class PairDataset(Dataset):
+    """The examples of a prepared split as `(index, src_ids, tgt_ids)` tuples."""
+
+    def __init__(self, split: SplitData) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Example:
+        return index, self.split.src[index], self.split.tgt[index]
+
+
+class TokenBucketSampler(Sampler[list[int]]):
+    """Yields lists of example indices whose padded size stays within `max_tokens`.
+
+    Each epoch (`set_epoch`): examples are sorted by source then target length, ties in a fresh
+    random order; consecutive examples fill a batch while `len(batch) * longest` fits the budget
+    (one sentence longer than the budget gets a batch of its own); the batch order is shuffled.
+    With `num_replicas > 1` the global batch list is padded by repeating its first batches so that
+    every rank gets the same number, and rank r takes batches r, r + R, r + 2R, ... All randomness
+    comes from a torch.Generator seeded with (seed, epoch): the same seed and epoch give the same
+    batches on every rank and every run. `iter_from(k)` / `load_state_dict` start part-way through an
+    epoch, so a resumed run sees exactly the batches the interrupted one had left.
+    """
+
+    def __init__(
+        self,
+        src_lengths: Sequence[int],
+        tgt_lengths: Sequence[int],
+        max_tokens: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if len(src_lengths) != len(tgt_lengths):
+            raise ValueError(
+                f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths"
+            )
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0 (got {max_tokens})")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        # +1: the EOS of the source, the BOS / EOS of the target.
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int64) + 1
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64) + 1
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self._start = 0
+        # Ties are the only thing the shuffle reorders, so the batch sizes (and count) never change.
+        self.num_global_batches = len(self._pack(self._sorted(np.arange(len(self.src_lengths)))))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's batches of `epoch` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.src_lengths)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator).numpy() if self.shuffle else np.arange(n)
+        batches = self._pack(self._sorted(order))
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        if self.num_replicas > 1 and batches:
+            total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
+            batches += [batches[i % len(batches)] for i in range(total - len(batches))]
+            batches = batches[self.rank :: self.num_replicas]
+        return batches
+
+    def iter_from(self, batch_index: int) -> Iterator[list[int]]:
+        """This rank's batches of the current epoch, skipping the first `batch_index`."""
+        yield from self.batches()[batch_index:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self._start = self._start, 0
+        return self.iter_from(start)
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields: a full epoch unless started part-way."""
+        return max(math.ceil(self.num_global_batches / self.num_replicas) - self._start, 0)
+
+    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
+        """Where an epoch stands after this rank consumed `batches_done` of its batches."""
+        return {"epoch": self.epoch, "batches_done": batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration continues epoch `state["epoch"]` after `state["batches_done"]`."""
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self._start = int(state["batches_done"])
+
+    def _sorted(self, order: np.ndarray) -> np.ndarray:
+        # np.lexsort is stable: equal lengths keep the (shuffled) order they came in.
+        return order[np.lexsort((self.tgt_lengths[order], self.src_lengths[order]))]
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        longest_side = np.maximum(self.src_lengths, self.tgt_lengths)
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        longest = 0
+        for index, length in zip(order.tolist(), longest_side[order].tolist(), strict=True):
+            if batch and max(longest, length) * (len(batch) + 1) > self.max_tokens:
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(index)
+            longest = max(longest, length)
+        if batch:
+            batches.append(batch)
+        return batches
+
+
+def make_loader(
+    split: SplitData, sampler: TokenBucketSampler, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader of `Batch`es of `split` in the order `sampler` gives."""
+    return DataLoader(
+        PairDataset(split),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+    )
+
+
+def padding_share(
+    src_lengths: Sequence[int], tgt_lengths: Sequence[int], batches: Sequence[Sequence[int]]
+) -> float:
+    """Share of PAD among all source and target positions of `batches` (specials counted as tokens)."""
+    src = np.asarray(src_lengths, dtype=np.int64) + 1
+    tgt = np.asarray(tgt_lengths, dtype=np.int64) + 1
+    padded = real = 0
+    for batch in batches:
+        idx = np.asarray(batch, dtype=np.int64)
+        padded += len(idx) * (int(src[idx].max()) + int(tgt[idx].max()))
+        real += int(src[idx].sum()) + int(tgt[idx].sum())
+    return 1.0 - real / padded if padded else 0.0
+
+
+def fixed_size_batches(num_examples: int, batch_size: int, seed: int = 0) -> list[list[int]]:
+    """Batches of `batch_size` randomly chosen sentences: the baseline token buckets are compared to."""
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+@dataclass
+class PaddingReport:
+    """Padding of token-budget batches against fixed-size batches of the same mean sentence count."""
+
+    bucket_share: float
+    num_batches: int
+    mean_sentences: float
+    fixed_share: float
+    fixed_batch_size: int
+
+
+def padding_report(split: SplitData, max_tokens: int, seed: int = 0) -> PaddingReport:
+    """Measure the PAD share of one epoch of `TokenBucketSampler(max_tokens)` batches of `split`."""
+    src_lengths, tgt_lengths = split.src_lengths(), split.tgt_lengths()
+    batches = TokenBucketSampler(src_lengths, tgt_lengths, max_tokens, seed=seed).batches()
+    mean_sentences = len(split) / max(len(batches), 1)
+    fixed_size = max(round(mean_sentences), 1)
+    fixed = fixed_size_batches(len(split), fixed_size, seed=seed)
+    return PaddingReport(
+        bucket_share=padding_share(src_lengths, tgt_lengths, batches),
+        num_batches=len(batches),
+        mean_sentences=mean_sentences,
+        fixed_share=padding_share(src_lengths, tgt_lengths, fixed),
+        fixed_batch_size=fixed_size,
+    )

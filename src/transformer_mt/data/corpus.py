@@ -1,0 +1,346 @@
+"""Raw parallel text: fetch Multi30k (or point at a custom corpus), verify it, read it.
+
+Multi30k Task 1 files come from the multi30k/dataset repository and are checked against the SHA-256
+sums below. They are stored under `<data.root>/multi30k/`, written atomically (a temp file renamed
+into place only once its sum is right) and never fetched twice. A mirror, a local folder or a base
+URL set by `data.mirror` or the `MT_DATA_MIRROR` environment variable, replaces the source.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformer_mt.config import DataConfig
+from transformer_mt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BASE_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
+MIRROR_ENV = "MT_DATA_MIRROR"
+DOWNLOAD_TIMEOUT_S = 60
+
+# Split name -> file stem of Multi30k Task 1; files are <stem>.<lang>.gz.
+SPLITS = {
+    "train": "train",
+    "val": "val",
+    "test2016": "test_2016_flickr",
+    "test2017": "test_2017_flickr",
+    "mscoco2017": "test_2017_mscoco",
+    "test2018": "test_2018_flickr",
+}
+TEST_SPLITS = ("test2016", "test2017", "mscoco2017", "test2018")
+CUSTOM_SPLITS = ("train", "val", "test")
+# Czech was added to Multi30k after the 2017 test sets were made.
+MISSING_SPLITS = {"cs": ("test2017", "mscoco2017")}
+
+SHA256 = {
+    "train.cs.gz": "a65adb8b32e3bc664f21ecba7a6e7f6950fd1f405e135f7c312faabdb6255077",
+    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "train.fr.gz": "622e75069e9f4c577425c4f277116ce66e63a2401c0a2312d90073cb12379a3c",
+    "val.cs.gz": "b63226e05c4bd5dd6a42897d74b86a1b9d2c31498252c572b1ea7f7996927fcc",
+    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "val.fr.gz": "ca3106f1a72390591d25f6c45cb4cd39dec4cd3f123e099748a3ce5256c160e9",
+    "test_2016_flickr.cs.gz": "200a4a74cc9560f051924abb9803be008d1908d77f747e9141aeb86dfd2797f1",
+    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+    "test_2016_flickr.fr.gz": "6d326e188d259fb1d04ac19eae3af956559b3a0b93d7635e56c90987c40c8b90",
+    "test_2017_flickr.de.gz": "a2c89666db00c495cd8513b9d708d5a3acc205d7de312ef2bf5fb7ebc1540aee",
+    "test_2017_flickr.en.gz": "76a444ee25172e72695cddb13ae4a3bda59430617be88e0bb46b60504f054074",
+    "test_2017_flickr.fr.gz": "3ba671ceb2299f3304ffafefea7a833d08632fbaf0ba18546f8a2ec2391af496",
+    "test_2017_mscoco.de.gz": "799e4854c25d601cb6cb6be29eabe5667734c61ace2f495e03e429031a0bc338",
+    "test_2017_mscoco.en.gz": "aab300bfb4427697987e02cd0aacd44bfe8aa50456231b6474c08038bbed2b58",
+    "test_2017_mscoco.fr.gz": "754f3072ba9f124569ba5258b32730fc1d214bbf8e0c6dfb2b74401676220db0",
+    "test_2018_flickr.cs.gz": "7d0a9db904f94c554a8c58049a9f3a5357c27f46cc3d710d70cb0b4a2585b8c2",
+    "test_2018_flickr.de.gz": "ddd0130c7d97482dc5197a02141dae8dd79f20f03586c480d675c09a32daf608",
+    "test_2018_flickr.en.gz": "ef4f4844037d4c5dea75c9a8ed5fd78905967a26f67c255e230cc9780032654d",
+    "test_2018_flickr.fr.gz": "fb2b83fcceb937a4f7e3e93c1c51c22aba92f1e342391e6b5ba392b16a920501",
+}
+
+MIRROR_HINT = (
+    f"to work offline, set data.mirror=<folder or URL> (or {MIRROR_ENV}) to a copy of the "
+    "Multi30k task1/raw files"
+)
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The two files of one split and their SHA-256 sums (the sums key the prepared cache)."""
+
+    src: Path
+    tgt: Path
+    src_sha256: str
+    tgt_sha256: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Which splits and files a configuration uses
+
+
+def available_splits(cfg: DataConfig) -> tuple[str, ...]:
+    """Split names this corpus and language pair can have (custom: those given in the config)."""
+    if cfg.name == "custom":
+        return tuple(s for s in CUSTOM_SPLITS if _custom_pair(cfg, s) is not None)
+    missing = set(MISSING_SPLITS.get(cfg.src, ())) | set(MISSING_SPLITS.get(cfg.tgt, ()))
+    return tuple(s for s in SPLITS if s not in missing)
+
+
+def check_split(cfg: DataConfig, split: str) -> None:
+    """Raise DataError unless `split` exists for this corpus and language pair."""
+    known = CUSTOM_SPLITS if cfg.name == "custom" else tuple(SPLITS)
+    if split not in known:
+        raise DataError(f"unknown split {split!r} for {cfg.name} (choose from {', '.join(known)})")
+    splits = available_splits(cfg)
+    if split not in splits:
+        if cfg.name == "custom":
+            key = "valid" if split == "val" else split
+            raise DataError(
+                f"split {split!r} has no files: set data.{key}=[source_file,target_file]"
+            )
+        raise DataError(
+            f"Multi30k has no {split} split for {cfg.src}-{cfg.tgt} "
+            f"(available: {', '.join(splits)})"
+        )
+
+
+def multi30k_file(split: str, lang: str) -> str:
+    """File name of one side of a Multi30k split, e.g. `test_2016_flickr.de.gz`."""
+    return f"{SPLITS[split]}.{lang}.gz"
+
+
+def resolve_mirror(cfg: DataConfig) -> str | None:
+    """The mirror in use: `data.mirror` first, then $MT_DATA_MIRROR, else None (the real source)."""
+    return cfg.mirror or os.environ.get(MIRROR_ENV) or None
+
+
+def _custom_pair(cfg: DataConfig, split: str) -> list[str] | None:
+    key = {"train": "train", "val": "valid", "test": "test"}[split]
+    files = getattr(cfg, key)
+    if files is None:
+        return None
+    if len(files) != 2:
+        raise ConfigError(
+            f"data.{key} must list two files, [source_file,target_file] (got {len(files)})"
+        )
+    return list(files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+
+
+def corpus_files(
+    cfg: DataConfig, splits: Iterable[str] | None = None, fetch: bool = True
+) -> dict[str, SplitFiles]:
+    """Locate (and for Multi30k, fetch and verify) the files of each split.
+
+    `splits=None` asks for what a training run needs: train and val, which must exist, plus every test
+    split of the pair that can be had; a test split the source lacks (test2018 on an offline mirror) is
+    skipped with a log line. Splits named explicitly must all exist. With `fetch=False` nothing is
+    downloaded or changed: only verified files already under `<data.root>/multi30k` count.
+    """
+    if splits is None:
+        optional = [s for s in available_splits(cfg) if s not in ("train", "val")]
+        names = ["train", "val", *optional]
+    else:
+        optional, names = [], list(splits)
+    for split in names:
+        check_split(cfg, split)
+    if cfg.name == "custom":
+        return {split: _custom_files(cfg, split) for split in names}
+    source = resolve_mirror(cfg)
+    folder = multi30k_dir(cfg)
+    found: dict[str, SplitFiles] = {}
+    for split in names:
+        try:
+            src, tgt = (
+                _ensure_file(multi30k_file(split, lang), folder, source, fetch)
+                for lang in (cfg.src, cfg.tgt)
+            )
+        except _Unavailable as missing:
+            if split not in optional:
+                raise DataError(str(missing)) from None
+            log.log(
+                logging.INFO if fetch else logging.DEBUG, "skipping split %s: %s", split, missing
+            )
+            continue
+        found[split] = SplitFiles(src, tgt, SHA256[src.name], SHA256[tgt.name])
+    return found
+
+
+def ensure_multi30k(cfg: DataConfig, splits: Iterable[str] | None = None) -> Path:
+    """Fetch the Multi30k files a run needs (see `corpus_files`); return the folder holding them."""
+    corpus_files(cfg, splits)
+    return multi30k_dir(cfg)
+
+
+def split_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    """(source file, target file) of `split`, fetched if needed; an error if it cannot be had."""
+    files = corpus_files(cfg, [split])[split]
+    return files.src, files.tgt
+
+
+def multi30k_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / "multi30k"
+
+
+class _Unavailable(Exception):
+    """A file the source does not have (or, without fetching, that is not here yet)."""
+
+
+def _ensure_file(name: str, folder: Path, source: str | None, fetch: bool) -> Path:
+    """Return `folder/name` with the right SHA-256, copying or downloading it when needed."""
+    path = folder / name
+    expected = SHA256[name]
+    if path.is_file():
+        if sha256_file(path) == expected:
+            return path
+        if not fetch:
+            raise _Unavailable(f"{path} fails its SHA-256 check (run mt-prepare to fetch it again)")
+        log.warning("%s fails its SHA-256 check: fetching it again", path)
+        path.unlink()
+    if not fetch:
+        raise _Unavailable(f"{path} is missing (run mt-prepare to fetch the corpus)")
+    folder.mkdir(parents=True, exist_ok=True)
+    if source is None or "://" in source:
+        base = (source or BASE_URL).rstrip("/")
+        _download(f"{base}/{name}", path, expected, mirrored=source is not None)
+    else:
+        if not Path(source).expanduser().is_dir():
+            raise DataError(
+                f"the mirror folder {source} does not exist (check data.mirror or {MIRROR_ENV})"
+            )
+        origin = Path(source).expanduser() / name
+        if not origin.is_file():
+            raise _Unavailable(f"{name} is not in the mirror folder {source}")
+        log.info("copying %s", origin)
+        with open(origin, "rb") as handle:
+            _write_verified(handle, path, expected, origin=str(origin))
+    return path
+
+
+def _download(url: str, path: Path, expected: str, mirrored: bool) -> None:
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            _write_verified(response, path, expected, origin=url)
+        return
+    except urllib.error.HTTPError as err:
+        if err.code == 404 and mirrored:
+            raise _Unavailable(f"{path.name} is not on the mirror ({url}: HTTP 404)") from None
+        reason = f"HTTP {err.code} {err.reason}"
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
+    hint = f"check the mirror (data.mirror or {MIRROR_ENV})" if mirrored else MIRROR_HINT
+    raise DataError(f"cannot download {url}: {reason}; {hint}")
+
+
+def _write_verified(stream, path: Path, expected: str, origin: str) -> None:
+    """Copy `stream` to a temp file beside `path`; rename it into place only if its sum is right."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != expected:
+            raise DataError(
+                f"{path.name} from {origin} fails its SHA-256 check (got {digest.hexdigest()[:16]}..., "
+                f"expected {expected[:16]}...): the bad copy was deleted; fetch it again or fix the mirror"
+            )
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _custom_files(cfg: DataConfig, split: str) -> SplitFiles:
+    src, tgt = (Path(p).expanduser() for p in _custom_pair(cfg, split))
+    for path in (src, tgt):
+        if not path.is_file():
+            raise DataError(f"{split} file {path} does not exist (check data.{_custom_key(split)})")
+    return SplitFiles(src, tgt, sha256_file(src), sha256_file(tgt))
+
+
+def _custom_key(split: str) -> str:
+    return "valid" if split == "val" else split
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_parallel(
+    src_path: str | os.PathLike, tgt_path: str | os.PathLike, allow_empty: bool = True
+) -> tuple[list[str], list[str]]:
+    """Read two aligned files (gzip or plain UTF-8), one sentence per line; line i ↔ line i.
+
+    A byte-order mark is dropped, Windows line endings are accepted, the last line may lack its
+    newline. Raises DataError for a missing file, text that is not UTF-8 (with the line number),
+    files of different lengths (naming both files and both counts), or with `allow_empty=False`
+    an empty file.
+    """
+    src_lines = read_lines(src_path)
+    tgt_lines = read_lines(tgt_path)
+    if not allow_empty:
+        for path, lines in ((src_path, src_lines), (tgt_path, tgt_lines)):
+            if not lines:
+                raise DataError(f"{path} is empty: this split needs at least one sentence pair")
+    if len(src_lines) != len(tgt_lines):
+        raise DataError(
+            f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: "
+            "line i of the source file must translate line i of the target file"
+        )
+    return src_lines, tgt_lines
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a gzip or plain UTF-8 text file, without line endings."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise DataError(f"{path} is not a valid gzip file ({err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+            "convert the file to UTF-8"
+        ) from None
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines

@@ -1,0 +1,320 @@
+"""The prepared cache: every split tokenized and numericalized once, loaded in well under a second.
+
+`prepare(cfg)` writes `<data.root>/cache/<key>/`:
+
+    manifest.json        settings, raw-file SHA-256s, counts (pairs, dropped, filtered), vocabulary sizes
+    src_vocab.json       list of tokens, index = id (tgt_vocab.json likewise; equal when shared)
+    <split>.npz          src_ids / tgt_ids: all sentences' ids end to end (int32, no specials), and
+                         src_offsets / tgt_offsets (int64, n + 1): sentence i is ids[offsets[i]:offsets[i+1]]
+    <split>.text.json    {"src": [...], "ref": [...]}: the raw lines of every split but train
+
+`<key>` hashes everything that changes the result (corpus, file checksums, languages, tokenizer and
+vocabulary settings, max_len, the format version) but not what applies at load time (max_tokens,
+limit_train): a changed setting prepares anew, an unchanged one loads. The folder is built under a
+temporary name and renamed into place, so a cache folder is complete or absent.
+
+Training split: pairs with an empty (or whitespace-only) side are dropped, pairs longer than
+`data.max_len` tokens on either side are filtered out; both are counted. Other splits keep every line,
+so hypotheses stay aligned with references. Loading imports neither spaCy nor torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transformer_mt.config import DataConfig
+from transformer_mt.data.corpus import SplitFiles, corpus_files, read_parallel
+from transformer_mt.data.vocab import Vocab
+from transformer_mt.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Settings that change the prepared result (max_tokens and limit_train apply at load time).
+KEY_SETTINGS = (
+    "name",
+    "src",
+    "tgt",
+    "lowercase",
+    "min_freq",
+    "max_size",
+    "shared_vocab",
+    "max_len",
+)
+
+
+@dataclass
+class SplitData:
+    """One split: token ids per sentence (no specials) and, except for train, the raw lines."""
+
+    name: str
+    src: list[list[int]]
+    tgt: list[list[int]]
+    src_text: list[str] | None = None
+    ref_text: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def src_lengths(self) -> list[int]:
+        return [len(ids) for ids in self.src]
+
+    def tgt_lengths(self) -> list[int]:
+        return [len(ids) for ids in self.tgt]
+
+
+@dataclass
+class PreparedData:
+    path: Path
+    manifest: dict[str, Any]
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    splits: dict[str, SplitData] = field(default_factory=dict)
+
+    def split(self, name: str) -> SplitData:
+        """The split called `name`; a DataError naming the prepared ones if there is none."""
+        if name not in self.splits:
+            raise DataError(
+                f"split {name!r} is not in the prepared data {self.path} "
+                f"(prepared: {', '.join(self.splits)})"
+            )
+        return self.splits[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache location
+
+
+def cache_key(cfg: DataConfig, files: dict[str, SplitFiles] | None = None) -> str:
+    """A readable, unique folder name for the prepared result of `cfg`, e.g. `multi30k-de-en-3f2a...`.
+
+    `files` defaults to the corpus files already on disk (nothing is fetched).
+    """
+    if files is None:
+        files = corpus_files(cfg, fetch=False)
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "settings": {name: getattr(cfg, name) for name in KEY_SETTINGS},
+        "tokenizer": f"spacy-{_spacy_version()}",
+        "files": {split: [f.src_sha256, f.tgt_sha256] for split, f in sorted(files.items())},
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{cfg.name}-{cfg.src}-{cfg.tgt}")
+    return f"{readable}-{digest}"
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / "cache"
+
+
+def _spacy_version() -> str:
+    try:
+        return metadata.version("spacy")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare
+
+
+def prepare(cfg: DataConfig) -> Path:
+    """Fetch, tokenize, numericalize and cache the corpus of `cfg`; return the cache folder.
+
+    Does nothing but return the folder when it already exists.
+    """
+    return _prepare(cfg, corpus_files(cfg))
+
+
+def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
+    key = cache_key(cfg, files)
+    target = cache_root(cfg) / key
+    if (target / "manifest.json").is_file():
+        return target
+    from transformer_mt.data.tokenize import Tokenizer
+
+    started = time.perf_counter()
+    src_tok = Tokenizer(cfg.src, cfg.lowercase)
+    tgt_tok = Tokenizer(cfg.tgt, cfg.lowercase)
+
+    counts: dict[str, dict[str, int]] = {}
+    raw: dict[str, tuple[list[str], list[str]]] = {}
+    tokens: dict[str, tuple[list[list[str]], list[list[str]]]] = {}
+    for split, pair in files.items():
+        src_lines, tgt_lines = read_parallel(
+            pair.src, pair.tgt, allow_empty=split not in ("train", "val")
+        )
+        src_tokens = list(src_tok.pipe(src_lines))
+        tgt_tokens = list(tgt_tok.pipe(tgt_lines))
+        counts[split] = {"lines": len(src_lines)}
+        if split == "train":
+            src_tokens, tgt_tokens, dropped, filtered = _clean_train(
+                src_tokens, tgt_tokens, cfg.max_len
+            )
+            counts[split].update(dropped_empty=dropped, filtered_long=filtered)
+            log.info(
+                "train: dropped %d pairs with an empty side, filtered %d pairs longer than "
+                "data.max_len=%d tokens",
+                dropped,
+                filtered,
+                cfg.max_len,
+            )
+            if not src_tokens:
+                raise DataError(
+                    f"no training pairs left in {pair.src} and {pair.tgt} after dropping empty pairs "
+                    f"and pairs longer than data.max_len={cfg.max_len}"
+                )
+        else:
+            raw[split] = (src_lines, tgt_lines)
+        counts[split]["pairs"] = len(src_tokens)
+        tokens[split] = (src_tokens, tgt_tokens)
+
+    train_src, train_tgt = tokens["train"]
+    if cfg.shared_vocab:
+        src_vocab = tgt_vocab = Vocab.build([*train_src, *train_tgt], cfg.min_freq, cfg.max_size)
+    else:
+        src_vocab = Vocab.build(train_src, cfg.min_freq, cfg.max_size)
+        tgt_vocab = Vocab.build(train_tgt, cfg.min_freq, cfg.max_size)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "settings": {name: getattr(cfg, name) for name in KEY_SETTINGS},
+        "tokenizer": f"spacy-{_spacy_version()}",
+        "files": {
+            split: {
+                "src": {"path": str(f.src), "sha256": f.src_sha256},
+                "tgt": {"path": str(f.tgt), "sha256": f.tgt_sha256},
+            }
+            for split, f in files.items()
+        },
+        "splits": list(files),
+        "counts": counts,
+        "vocab_sizes": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=target.parent))
+    try:
+        _write_json(building / "src_vocab.json", src_vocab.to_list())
+        _write_json(building / "tgt_vocab.json", tgt_vocab.to_list())
+        for split, (src_tokens, tgt_tokens) in tokens.items():
+            _save_ids(
+                building / f"{split}.npz",
+                [src_vocab.encode(t) for t in src_tokens],
+                [tgt_vocab.encode(t) for t in tgt_tokens],
+            )
+            if split in raw:
+                src_lines, ref_lines = raw[split]
+                _write_json(building / f"{split}.text.json", {"src": src_lines, "ref": ref_lines})
+        _write_json(building / "manifest.json", manifest)
+        building.chmod(0o755)  # mkdtemp makes it private
+        try:
+            building.rename(target)
+        except OSError:
+            if not (target / "manifest.json").is_file():  # not another process winning the race
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    log.info("prepared %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+def _clean_train(
+    src_tokens: list[list[str]], tgt_tokens: list[list[str]], max_len: int
+) -> tuple[list[list[str]], list[list[str]], int, int]:
+    """Drop pairs with an empty side and pairs longer than `max_len`; return the rest and both counts."""
+    kept_src, kept_tgt = [], []
+    dropped = filtered = 0
+    for src, tgt in zip(src_tokens, tgt_tokens, strict=True):
+        if not src or not tgt:
+            dropped += 1
+        elif len(src) > max_len or len(tgt) > max_len:
+            filtered += 1
+        else:
+            kept_src.append(src)
+            kept_tgt.append(tgt)
+    return kept_src, kept_tgt, dropped, filtered
+
+
+def _save_ids(path: Path, src: list[list[int]], tgt: list[list[int]]) -> None:
+    src_ids, src_offsets = _flatten(src)
+    tgt_ids, tgt_offsets = _flatten(tgt)
+    with open(path, "wb") as handle:
+        np.savez(
+            handle,
+            src_ids=src_ids,
+            src_offsets=src_offsets,
+            tgt_ids=tgt_ids,
+            tgt_offsets=tgt_offsets,
+        )
+
+
+def _flatten(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    ids = np.fromiter((i for s in seqs for i in s), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_prepared(cfg: DataConfig) -> PreparedData:
+    """Load the prepared cache of `cfg` (run `prepare` first); applies `data.limit_train`."""
+    path = cache_root(cfg) / cache_key(cfg)
+    if not (path / "manifest.json").is_file():
+        raise DataError(
+            f"no prepared data for these data.* settings under {cache_root(cfg)}: "
+            "run `python scripts/prepare_data.py` with the same settings first"
+        )
+    return _load(path, cfg)
+
+
+def load_or_prepare(cfg: DataConfig) -> PreparedData:
+    """Load the prepared cache of `cfg`, fetching and preparing the corpus first when needed."""
+    return _load(_prepare(cfg, corpus_files(cfg)), cfg)
+
+
+def _load(path: Path, cfg: DataConfig) -> PreparedData:
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    src_vocab = Vocab(json.loads((path / "src_vocab.json").read_text(encoding="utf-8")))
+    tgt_vocab = Vocab(json.loads((path / "tgt_vocab.json").read_text(encoding="utf-8")))
+    splits = {}
+    for name in manifest["splits"]:
+        with np.load(path / f"{name}.npz") as arrays:
+            src = _unflatten(arrays["src_ids"], arrays["src_offsets"])
+            tgt = _unflatten(arrays["tgt_ids"], arrays["tgt_offsets"])
+        split = SplitData(name, src, tgt)
+        text_path = path / f"{name}.text.json"
+        if text_path.is_file():
+            text = json.loads(text_path.read_text(encoding="utf-8"))
+            split.src_text, split.ref_text = text["src"], text["ref"]
+        splits[name] = split
+    if cfg.limit_train is not None and "train" in splits:
+        train = splits["train"]
+        train.src, train.tgt = train.src[: cfg.limit_train], train.tgt[: cfg.limit_train]
+    return PreparedData(path, manifest, src_vocab, tgt_vocab, splits)
+
+
+def _unflatten(ids: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
+    flat = ids.tolist()
+    bounds = offsets.tolist()
+    return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -20,10 +20,8 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from transformer_mt.config import ModelConfig
+from transformer_mt.data.vocab import PAD  # the padding id, fixed in every vocabulary
 from transformer_mt.errors import ConfigError
-
-# Padding token id, fixed in every vocabulary (transformer_mt.data.vocab defines the same value).
-PAD = 0
 
 
 @dataclass

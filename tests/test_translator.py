@@ -1,0 +1,365 @@
+"""Translator and decoding on a real (tiny, quickly trained) Transformer.
+
+`toy_run()` trains the model once per test session: a toy "German" of number words translated word
+by word into "English" (`zwei drei .` → `two three .`), prepared from text files like any custom
+corpus, trained for a few seconds with a plain Adam loop and saved with `save_checkpoint`. The
+translate and evaluate CLI tests use the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer_mt.config import DataConfig, DecodeConfig, ModelConfig
+from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
+from transformer_mt.decode import beam_search, greedy_search
+from transformer_mt.errors import CheckpointError
+from transformer_mt.model import build_model
+from transformer_mt.translator import (
+    Translator,
+    atomic_writer,
+    decode_ids,
+    fit_source,
+    translate_ids,
+)
+
+GERMAN = ["eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn"]
+ENGLISH = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+TOY_MODEL = ModelConfig(
+    name="tiny",
+    d_model=32,
+    n_heads=4,
+    enc_layers=2,
+    dec_layers=2,
+    d_ff=64,
+    dropout=0.0,
+    max_positions=24,  # small, so that an over-long sentence is easy to write
+)
+TRAIN_STEPS = 300
+LEARNING_RATE = 5e-3
+
+
+@dataclass
+class ToyRun:
+    checkpoint: Path
+    data: DataConfig
+    model: torch.nn.Module
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    test_src: Path
+    test_ref: Path
+    train_seconds: float
+
+
+def toy_sentence(rng: random.Random, max_words: int = 8) -> tuple[str, str]:
+    words = [rng.randrange(len(GERMAN)) for _ in range(rng.randint(1, max_words))]
+    german = " ".join(GERMAN[w] for w in words) + "."
+    english = " ".join(ENGLISH[w] for w in words) + "."
+    return german.capitalize(), english.capitalize()
+
+
+def write_toy_corpus(folder: Path, rng: random.Random) -> dict[str, list[str]]:
+    """train / val / test files `<split>.de` and `<split>.en` under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, size in (("train", 3000), ("val", 30), ("test", 60)):
+        pairs = [toy_sentence(rng) for _ in range(size)]
+        for side, lang in enumerate(("de", "en")):
+            path = folder / f"{split}.{lang}"
+            path.write_text("".join(pair[side] + "\n" for pair in pairs), encoding="utf-8")
+        files[split] = [str(folder / f"{split}.de"), str(folder / f"{split}.en")]
+    return files
+
+
+def pad(sequences: list[list[int]]) -> torch.Tensor:
+    longest = max(map(len, sequences))
+    return torch.tensor([s + [PAD] * (longest - len(s)) for s in sequences])
+
+
+def train_toy_model(train_src, train_tgt, src_vocab, tgt_vocab, steps: int) -> torch.nn.Module:
+    """A few hundred Adam steps of teacher-forced cross-entropy on random batches."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model = build_model(TOY_MODEL, len(src_vocab), len(tgt_vocab))
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.98))
+    for step in range(steps):
+        for group in optimizer.param_groups:  # linear decay to zero: a calm end, a sharp model
+            group["lr"] = LEARNING_RATE * (1 - step / steps)
+        rows = rng.sample(range(len(train_src)), 64)
+        src = pad([train_src[i] + [EOS] for i in rows])
+        tgt_in = pad([[BOS, *train_tgt[i]] for i in rows])
+        tgt_out = pad([[*train_tgt[i], EOS] for i in rows])
+        logits = model(src, tgt_in)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=PAD
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+_TOY_RUN: ToyRun | None = None
+
+
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
+    """Prepare the toy corpus, train the tiny model and save its checkpoint (once per session)."""
+    global _TOY_RUN
+    if _TOY_RUN is not None:
+        return _TOY_RUN
+    from transformer_mt.data.dataset import load_prepared, prepare
+    from transformer_mt.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("toy")
+    files = write_toy_corpus(root / "corpus", random.Random(1))
+    data = DataConfig(
+        name="custom",
+        src="de",
+        tgt="en",
+        root=str(root / "data"),
+        train=files["train"],
+        valid=files["val"],
+        test=files["test"],
+        min_freq=1,
+    )
+    prepare(data)
+    prepared = load_prepared(data)
+    train = prepared.splits["train"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is faster, and robust on a busy machine
+    start = time.perf_counter()
+    try:
+        model = train_toy_model(
+            train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
+        )
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - start
+    checkpoint = root / "saved" / "toy-run" / "best.pt"
+    payload = {
+        "format_version": 1,
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(TOY_MODEL),
+        "config": {
+            "run_name": "toy-run",
+            "data": dataclasses.asdict(data),
+            "decode": dataclasses.asdict(DecodeConfig()),
+        },
+        "src_vocab": prepared.src_vocab.to_list(),
+        "tgt_vocab": prepared.tgt_vocab.to_list(),
+        "tokenizer": {"src_lang": "de", "tgt_lang": "en", "lowercase": False},
+        "epoch": 1,
+        "step": TRAIN_STEPS,
+        "metrics": {},
+    }
+    save_checkpoint(payload, checkpoint)
+    _TOY_RUN = ToyRun(
+        checkpoint,
+        data,
+        model,
+        prepared.src_vocab,
+        prepared.tgt_vocab,
+        Path(files["test"][0]),
+        Path(files["test"][1]),
+        seconds,
+    )
+    return _TOY_RUN
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
+    return toy_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def translator(toy: ToyRun) -> Translator:
+    return Translator.from_checkpoint(toy.checkpoint, device="cpu")
+
+
+def toy_sources(toy: ToyRun, n: int, seed: int = 5) -> tuple[list[list[int]], list[str]]:
+    """n fresh toy sentences as source ids (no specials) and their English translations."""
+    rng = random.Random(seed)
+    pairs = [toy_sentence(rng) for _ in range(n)]
+    ids = [toy.src_vocab.encode(de.replace(".", " .").split()) for de, _ in pairs]
+    return ids, [en for _, en in pairs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Search on the trained model
+
+
+def test_toy_model_translates(toy: ToyRun, translator: Translator) -> None:
+    assert translator.translate(["Zwei drei vier.", "Zehn."]) == ["Two three four.", "Ten."]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_cached_and_uncached_decoding_agree_on_a_trained_model(toy: ToyRun, beam_size) -> None:
+    ids, _ = toy_sources(toy, 40)
+    src = pad([s + [EOS] for s in ids])
+    if beam_size == 1:
+        assert greedy_search(toy.model, src, 10, 1.5) == greedy_search(
+            toy.model, src, 10, 1.5, use_cache=False
+        )
+        return
+    cached = beam_search(toy.model, src, beam_size, 0.6, 10, 1.5, nbest=beam_size)
+    uncached = beam_search(toy.model, src, beam_size, 0.6, 10, 1.5, beam_size, use_cache=False)
+    for a, b in zip(cached, uncached, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_beam_of_one_equals_greedy_on_a_trained_model(toy: ToyRun) -> None:
+    ids, _ = toy_sources(toy, 40, seed=6)
+    src = pad([s + [EOS] for s in ids])
+    beam = beam_search(toy.model, src, 1, 0.0, 10, 1.5)
+    assert [hyps[0].tokens for hyps in beam] == greedy_search(toy.model, src, 10, 1.5)
+
+
+def test_translate_ids_restores_input_order(toy: ToyRun, translator: Translator) -> None:
+    ids, english = toy_sources(toy, 50)
+    cfg = DecodeConfig(beam_size=1, batch_size=7)  # several length-sorted batches
+    hyps = translate_ids(toy.model, ids, toy.tgt_vocab, translator.detokenizer, cfg, "cpu")
+    assert len(hyps) == 50
+    # The toy model is good but not perfect: most lines, and only in their own place.
+    right = sum(h == e for h, e in zip(hyps, english, strict=True))
+    assert right >= 40
+    one_by_one = [
+        translate_ids(toy.model, [s], toy.tgt_vocab, translator.detokenizer, cfg, "cpu")[0]
+        for s in ids[:10]
+    ]
+    assert hyps[:10] == one_by_one
+
+
+def test_translate_ids_keeps_the_model_mode(toy: ToyRun, translator: Translator) -> None:
+    ids, _ = toy_sources(toy, 3)
+    toy.model.train()
+    try:
+        translate_ids(toy.model, ids, toy.tgt_vocab, translator.detokenizer, DecodeConfig(), "cpu")
+        assert toy.model.training
+    finally:
+        toy.model.eval()
+
+
+def test_empty_lines_give_empty_translations(translator: Translator) -> None:
+    assert translator.translate(["", "Zwei.", "   ", ""]) == ["", "Two.", "", ""]
+
+
+def test_nbest_lists_are_sorted_and_led_by_the_best(translator: Translator) -> None:
+    beam = Translator(
+        translator.model,
+        translator.src_vocab,
+        translator.tgt_vocab,
+        "de",
+        "en",
+        False,
+        DecodeConfig(beam_size=4, nbest=3),
+        translator.device,
+    )
+    lines = ["Eins zwei drei.", "Acht neun."]
+    nbest = beam.translate_nbest(lines)
+    assert [len(hyps) for hyps in nbest] == [3, 3]
+    for hyps in nbest:
+        scores = [score for _, score in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({text for text, _ in hyps}) == 3
+    assert [hyps[0][0] for hyps in nbest] == beam.translate(lines)
+
+
+def test_an_over_long_sentence_is_truncated_with_a_warning(
+    translator: Translator, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_line = " ".join(["zwei"] * 40) + "."  # 41 tokens + EOS > 24 positions
+    with caplog.at_level(logging.WARNING):
+        [translation] = translator.translate([long_line])
+    assert "longer than the model reads (24 with EOS)" in caplog.text
+    assert translation.lower().startswith("two two")
+    assert len(translation.split()) <= 23  # the output cap: max_positions - 1 tokens
+    assert fit_source(list(range(30)), 24) == [*range(23), EOS]
+
+
+def test_long_outputs_are_capped_at_the_positional_table(toy: ToyRun) -> None:
+    # max_len_a = 100 asks for far more tokens than the table holds: the search stops in time.
+    cfg = DecodeConfig(beam_size=2, max_len_a=100, max_len_b=0.0)
+    [[hyp]] = decode_ids(toy.model, [[toy.src_vocab.encode(["zwei"])[0]] * 22], cfg, "cpu")
+    assert len(hyp.tokens) <= 23
+
+
+def test_attention_map_has_one_row_per_output_token(translator: Translator) -> None:
+    attention = translator.attention("Zwei drei vier.")
+    assert attention.source_tokens == ["Zwei", "drei", "vier", ".", "<eos>"]
+    assert attention.output_tokens == ["Two", "three", "four", ".", "<eos>"]
+    assert attention.weights.shape == (5, 5)
+    assert attention.weights.sum(axis=1) == pytest.approx([1.0] * 5, abs=1e-4)
+
+
+def test_rnn_baseline_decodes_through_the_same_interface() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="rnn", arch="rnn", d_model=16, enc_layers=1, dec_layers=1, dropout=0.0)
+    model = build_model(cfg, 20, 15).eval()
+    src = pad([[5, 6, 7, EOS], [8, 9, EOS], [10, EOS]])
+    greedy = greedy_search(model, src, 3, 1.0)
+    assert greedy == greedy_search(model, src, 3, 1.0, use_cache=False)
+    beam = beam_search(model, src, 3, 0.6, 3, 1.0, nbest=2)
+    uncached = beam_search(model, src, 3, 0.6, 3, 1.0, nbest=2, use_cache=False)
+    assert [[h.tokens for h in hyps] for hyps in beam] == [
+        [h.tokens for h in hyps] for hyps in uncached
+    ]
+    assert [h[0].tokens for h in beam_search(model, src, 1, 0.0, 3, 1.0)] == greedy
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and files
+
+
+def test_from_checkpoint_rebuilds_model_vocabularies_and_settings(
+    toy: ToyRun, translator: Translator
+) -> None:
+    assert translator.src_vocab == toy.src_vocab
+    assert translator.tgt_vocab == toy.tgt_vocab
+    assert (translator.src_lang, translator.tgt_lang, translator.lowercase) == ("de", "en", False)
+    assert translator.decode_cfg == DecodeConfig()  # the run's own decoding settings
+    assert translator.train_config["run_name"] == "toy-run"
+    for name, tensor in toy.model.state_dict().items():
+        assert torch.equal(translator.model.state_dict()[name], tensor)
+
+
+def test_missing_and_corrupt_checkpoints_are_checkpoint_errors(tmp_path: Path, toy: ToyRun):
+    with pytest.raises(CheckpointError, match="not found"):
+        Translator.from_checkpoint(tmp_path / "nothing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(toy.checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Translator.from_checkpoint(corrupt)
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_a_checkpoint_error(
+    tmp_path: Path, toy: ToyRun
+) -> None:
+    from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(toy.checkpoint)
+    payload["model_config"]["d_model"] = 64
+    save_checkpoint(payload, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="does not hold a usable model"):
+        Translator.from_checkpoint(tmp_path / "wrong.pt")
+
+
+def test_atomic_writer_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_writer(target) as handle:
+        handle.write("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    with atomic_writer(target) as handle:
+        handle.write("new\n")
+    assert target.read_text() == "new\n"

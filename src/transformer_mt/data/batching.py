@@ -229,7 +229,7 @@ def padding_share(
         idx = np.asarray(batch, dtype=np.int64)
         padded += len(idx) * (int(src[idx].max()) + int(tgt[idx].max()))
         real += int(src[idx].sum()) + int(tgt[idx].sum())
-    return 1.0 - real / padded if padded else 0.0
+    return (padded - real) / padded if padded else 0.0
 
 
 def fixed_size_batches(num_examples: int, batch_size: int, seed: int = 0) -> list[list[int]]:

@@ -146,8 +146,8 @@ def corpus_files(
     """Locate (and for Multi30k, fetch and verify) the files of each split.
 
     `splits=None` asks for what a training run needs: train and val, which must exist, plus every test
-    split of the pair that can be had; a test split the source lacks (test2018 on an offline mirror) is
-    skipped with a log line. Splits named explicitly must all exist. With `fetch=False` nothing is
+    split of the pair that can be had; a test split the source lacks (test2018 on an offline mirror)
+    or that fails to download is skipped with a log line. Splits named explicitly must all exist. With `fetch=False` nothing is
     downloaded or changed: only verified files already under `<data.root>/multi30k` count.
     """
     if splits is None:
@@ -168,12 +168,14 @@ def corpus_files(
                 _ensure_file(multi30k_file(split, lang), folder, source, fetch)
                 for lang in (cfg.src, cfg.tgt)
             )
-        except _Unavailable as missing:
+        except (_Unavailable, _DownloadFailed) as missing:
             if split not in optional:
                 raise DataError(str(missing)) from None
-            log.log(
-                logging.INFO if fetch else logging.DEBUG, "skipping split %s: %s", split, missing
-            )
+            if isinstance(missing, _DownloadFailed):
+                level = logging.WARNING
+            else:
+                level = logging.INFO if fetch else logging.DEBUG
+            log.log(level, "skipping split %s: %s", split, missing)
             continue
         found[split] = SplitFiles(src, tgt, SHA256[src.name], SHA256[tgt.name])
     return found
@@ -197,6 +199,10 @@ def multi30k_dir(cfg: DataConfig) -> Path:
 
 class _Unavailable(Exception):
     """A file the source does not have (or, without fetching, that is not here yet)."""
+
+
+class _DownloadFailed(DataError):
+    """The source could not be reached or refused the file (optional test splits are skipped)."""
 
 
 def _ensure_file(name: str, folder: Path, source: str | None, fetch: bool) -> Path:
@@ -243,7 +249,7 @@ def _download(url: str, path: Path, expected: str, mirrored: bool) -> None:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
     hint = f"check the mirror (data.mirror or {MIRROR_ENV})" if mirrored else MIRROR_HINT
-    raise DataError(f"cannot download {url}: {reason}; {hint}")
+    raise _DownloadFailed(f"cannot download {url}: {reason}; {hint}")
 
 
 def _write_verified(stream, path: Path, expected: str, origin: str) -> None:

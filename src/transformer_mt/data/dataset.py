@@ -279,8 +279,8 @@ def _write_json(path: Path, value: Any) -> None:
 
 def load_prepared(cfg: DataConfig) -> PreparedData:
     """Load the prepared cache of `cfg` (run `prepare` first); applies `data.limit_train`."""
-    path = cache_root(cfg) / cache_key(cfg)
-    if not (path / "manifest.json").is_file():
+    path = _existing_cache(cfg)
+    if path is None:
         raise DataError(
             f"no prepared data for these data.* settings under {cache_root(cfg)}: "
             "run `python scripts/prepare_data.py` with the same settings first"
@@ -289,8 +289,24 @@ def load_prepared(cfg: DataConfig) -> PreparedData:
 
 
 def load_or_prepare(cfg: DataConfig) -> PreparedData:
-    """Load the prepared cache of `cfg`, fetching and preparing the corpus first when needed."""
-    return _load(_prepare(cfg, corpus_files(cfg)), cfg)
+    """Load the prepared cache of `cfg`, fetching and preparing the corpus first when needed.
+
+    A cache built from the files already on disk is used as it is: no network access, no mirror.
+    """
+    path = _existing_cache(cfg)
+    if path is None:
+        path = _prepare(cfg, corpus_files(cfg))
+    return _load(path, cfg)
+
+
+def _existing_cache(cfg: DataConfig) -> Path | None:
+    """The cache folder made from the corpus files on disk, if there is one."""
+    try:
+        files = corpus_files(cfg, fetch=False)
+    except DataError:
+        return None
+    path = cache_root(cfg) / cache_key(cfg, files)
+    return path if (path / "manifest.json").is_file() else None
 
 
 def _load(path: Path, cfg: DataConfig) -> PreparedData:

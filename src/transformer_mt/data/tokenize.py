@@ -9,6 +9,7 @@ evaluation read the prepared cache and never load them.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 
@@ -82,7 +83,9 @@ class Detokenizer:
         return self._moses.detokenize(words, unescape=False)
 
 
+@functools.cache
 def _blank_pipeline(lang: str):
+    """One blank pipeline per language per process (building one takes seconds for some)."""
     import spacy
 
     try:

@@ -133,15 +133,10 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
     prepare(data)
     prepared = load_prepared(data)
     train = prepared.splits["train"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: one thread is faster, and robust on a busy machine
     start = time.perf_counter()
-    try:
-        model = train_toy_model(
-            train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
-        )
-    finally:
-        torch.set_num_threads(threads)
+    model = train_toy_model(
+        train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
+    )
     seconds = time.perf_counter() - start
     checkpoint = root / "saved" / "toy-run" / "best.pt"
     payload = {
@@ -172,6 +167,15 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
         seconds,
     )
     return _TOY_RUN
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

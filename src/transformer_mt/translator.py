@@ -140,6 +140,7 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator[Any
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; use the usual mode
         mode = "wb" if binary else "w"
         encoding = None if binary else "utf-8"
         with open(fd, mode, encoding=encoding, newline=None if binary else "\n") as handle:
@@ -148,6 +149,12 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator[Any
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""`scripts/evaluate.py` end to end on the toy checkpoint (see test_translator.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_translator import ToyRun, toy_run
+
+import transformer_mt.translator
+from transformer_mt.cli import evaluate as evaluate_cli
+from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SACREBLEU = Path(sys.executable).parent / "sacrebleu"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
+    return toy_run(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_evaluate(monkeypatch, *overrides: str) -> None:
+    """`mt-evaluate <overrides>` in this process (Hydra reads sys.argv)."""
+    monkeypatch.setattr(sys, "argv", ["mt-evaluate", *overrides])
+    evaluate_cli.main()
+
+
+def sacrebleu_cli(refs: Path, hyps: Path, *options: str) -> dict:
+    result = subprocess.run(
+        [str(SACREBLEU), str(refs), "-i", str(hyps), "-m", "bleu", "-w", "6", *options],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def no_spacy(*args, **kwargs):
+    raise AssertionError("the source was tokenized although the prepared cache has its ids")
+
+
+def test_evaluate_a_split_from_the_prepared_cache(toy, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(transformer_mt.translator, "Tokenizer", no_spacy)
+    result = tmp_path / "result"
+    run_evaluate(monkeypatch, f"checkpoint={toy.checkpoint}", "split=test", f"result_dir={result}")
+    out = capsys.readouterr().out
+
+    hyp = result / "toy-run" / "eval" / "test.beam5.hyp"
+    report = json.loads(hyp.with_suffix(".json").read_text())
+    lines = hyp.read_text(encoding="utf-8").splitlines()
+    refs = toy.test_ref.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(refs) == report["sentences"] == 60
+    assert sum(h == r for h, r in zip(lines, refs, strict=True)) >= 50  # in source order
+
+    cased = sacrebleu_cli(toy.test_ref, hyp)
+    lowercased = sacrebleu_cli(toy.test_ref, hyp, "-lc", "-tok", "13a")
+    assert report["bleu"] == pytest.approx(cased["score"], abs=1e-4)
+    assert report["bleu_signature"] == cased["signature"]
+    assert report["bleu_lc"] == pytest.approx(lowercased["score"], abs=1e-4)
+    assert report["bleu_lc_signature"] == lowercased["signature"]
+    assert 0 < report["chrf"] <= 100
+    assert report["decode"]["beam_size"] == 5 and report["decode"]["length_penalty"] == 0.6
+    assert report["sentences_per_s"] > 0
+    assert report["checkpoint"] == str(toy.checkpoint)
+    assert f"{report['bleu']:6.2f}" in out and cased["signature"] in out
+    assert "sacrebleu -lc -tok 13a" in out
+
+
+def test_raw_text_and_cache_give_the_same_translations(toy, tmp_path, monkeypatch) -> None:
+    result = tmp_path / "result"
+    common = [f"checkpoint={toy.checkpoint}", "split=test", f"result_dir={result}", "decode=greedy"]
+    run_evaluate(monkeypatch, *common)
+    cached = (result / "toy-run" / "eval" / "test.greedy.hyp").read_text()
+    # No prepared cache under this root: the raw test files are tokenized instead.
+    run_evaluate(monkeypatch, *common, f"data_root={tmp_path / 'elsewhere'}")
+    assert (result / "toy-run" / "eval" / "test.greedy.hyp").read_text() == cached
+
+
+def test_evaluate_a_pair_of_files(toy, tmp_path, monkeypatch) -> None:
+    src, ref = tmp_path / "mine.de", tmp_path / "mine.en"
+    src.write_text("Zwei drei vier fünf.\nAcht neun acht sieben.\n", encoding="utf-8")
+    ref.write_text("Two three four five.\nEight nine eight seven.\n", encoding="utf-8")
+    result = tmp_path / "result"
+    run_evaluate(
+        monkeypatch,
+        f"checkpoint={toy.checkpoint}",
+        f"src_file={src}",
+        f"ref_file={ref}",
+        f"result_dir={result}",
+        "decode.beam_size=3",
+    )
+    hyp = result / "toy-run" / "eval" / "mine.de.beam3.hyp"
+    assert hyp.read_text(encoding="utf-8") == "Two three four five.\nEight nine eight seven.\n"
+    assert json.loads(hyp.with_suffix(".json").read_text())["bleu"] == pytest.approx(100.0)
+
+
+def test_run_name_falls_back_to_the_checkpoint_folder(toy, tmp_path, monkeypatch) -> None:
+    payload = load_checkpoint(toy.checkpoint)
+    del payload["config"]["run_name"]
+    checkpoint = save_checkpoint(payload, tmp_path / "saved" / "my-run" / "best.pt")
+    result = tmp_path / "result"
+    run_evaluate(monkeypatch, f"checkpoint={checkpoint}", "split=val", f"result_dir={result}")
+    assert (result / "my-run" / "eval" / "val.beam5.hyp").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["checkpoint={missing}"], "checkpoint not found"),
+        ([], "no checkpoint given"),
+        (["checkpoint={ckpt}", "split=test2016"], "unknown split 'test2016'"),
+        (["checkpoint={ckpt}", "src_file={src}"], "src_file and ref_file go together"),
+        (["checkpoint={ckpt}", "src_file={src}", "ref_file={short}"], "has 2 lines but"),
+    ],
+)
+def test_user_errors_are_one_line_and_write_nothing(
+    toy, tmp_path, monkeypatch, capsys, overrides, message
+) -> None:
+    src, short = tmp_path / "a.de", tmp_path / "b.en"
+    src.write_text("Zwei.\nDrei.\n")
+    short.write_text("Two.\n")
+    values = {"missing": tmp_path / "nope.pt", "ckpt": toy.checkpoint, "src": src, "short": short}
+    result = tmp_path / "result"
+    with pytest.raises(SystemExit) as exit_info:
+        run_evaluate(monkeypatch, *[o.format(**values) for o in overrides], f"result_dir={result}")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1
+    assert not result.exists()
+
+
+def test_the_script_runs_as_a_command(toy, tmp_path) -> None:
+    result = tmp_path / "result"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "evaluate.py"),
+            f"checkpoint={toy.checkpoint}",
+            "split=val",
+            "decode=greedy",
+            f"result_dir={result}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "BLEU" in done.stdout
+    assert (result / "toy-run" / "eval" / "val.greedy.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no log files, no outputs/

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -61,6 +62,29 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         if isinstance(err, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
         raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make `path` an atomic copy of the checkpoint `source` (a hard link where the disk allows).
+
+    `path` is replaced in one step, as by `save_checkpoint`; later replacing either file leaves the
+    other intact.
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
     _fsync_dir(path.parent)
     return path
 

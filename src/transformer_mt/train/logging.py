@@ -88,9 +88,10 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
-    def figure(self, tag: str, figure: Figure, step: int) -> None:
+    def image(self, tag: str, image, step: int) -> None:
+        """An (H, W, 3) array with values in [0, 1]."""
         if self.writer is not None:
-            self.writer.add_figure(tag, figure, step, close=False)
+            self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:

@@ -99,6 +99,28 @@ def check_start(paths: RunPaths, resume: bool) -> None:
         )
 
 
+def open_run(paths: RunPaths, resume: bool) -> RunLock:
+    """Check that the run may start, prove its folders writable and lock it; return the lock.
+
+    On any failure nothing is left behind: a `saved/<run>/` created here is removed again.
+    """
+    check_start(paths, resume)
+    created = not paths.saved.exists()
+    lock = RunLock(paths.saved)
+    try:
+        ensure_writable(paths.saved)
+        ensure_writable(paths.result)
+        lock.acquire()
+        check_start(paths, resume)  # again, now that no other process can start it
+    except BaseException:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                paths.saved.rmdir()
+        raise
+    return lock
+
+
 class RunLock:
     """An exclusive lock on one run folder, held by this process until `release()`."""
 

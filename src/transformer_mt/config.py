@@ -57,7 +57,7 @@ class DataConfig:
     max_size: int | None = None  # largest vocabulary, specials included; None = no limit
     shared_vocab: bool = False  # one vocabulary for both sides (needed for model.share_embeddings)
     max_len: int = 100  # training pairs longer than this (tokens, either side) are filtered out
-    max_tokens: int = 4096  # token budget of one batch (padded size, the longer side)
+    max_tokens: int = 4096  # padded tokens of one batch (longer side); per process under torchrun
     limit_train: int | None = None  # keep only the first N training pairs (quick runs)
 
     def __post_init__(self) -> None:
@@ -185,6 +185,12 @@ class TrainerConfig:
         _non_negative("trainer.patience", self.patience)
         _non_negative("trainer.keep_last", self.keep_last)
         _non_negative("trainer.average_last", self.average_last)
+        if self.average_last > self.keep_last:
+            raise ConfigError(
+                f"trainer.average_last={self.average_last} needs the last {self.average_last} "
+                f"epoch checkpoints, but trainer.keep_last={self.keep_last} keeps fewer: "
+                "raise trainer.keep_last"
+            )
         _positive("trainer.accumulate", self.accumulate)
         _positive("trainer.log_every", self.log_every)
         _non_negative("trainer.num_samples", self.num_samples)

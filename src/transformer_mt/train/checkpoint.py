@@ -51,6 +51,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp makes it private; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
@@ -61,9 +62,19 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             os.unlink(tmp_name)
         if isinstance(err, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
+        if isinstance(err, RuntimeError) and _is_write_failure(err):
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: the write failed (is the disk full?)"
+            ) from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_write_failure(err: RuntimeError) -> bool:
+    """torch.save reports a failed write (e.g. a full disk) as a RuntimeError of its zip writer."""
+    message = str(err)
+    return "inline_container" in message or "write failed" in message or "unexpected pos" in message
 
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -87,6 +98,12 @@ def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
     _fsync_dir(path.parent)
     return path
+
+
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -196,3 +196,13 @@ def test_an_existing_cache_is_used_without_the_mirror(multi30k_de_en, monkeypatc
     monkeypatch.setattr("transformer_mt.data.corpus.BASE_URL", "http://127.0.0.1:9/unreachable")
     offline = replace(multi30k_de_en, mirror=None)
     assert load_or_prepare(offline).path == load_prepared(multi30k_de_en).path
+
+
+def test_a_damaged_cache_is_a_one_line_error(tmp_path):
+    cfg = _custom(tmp_path, (TRAIN_DE, TRAIN_EN), VALID)
+    path = prepare(cfg)
+    intact = (path / "val.npz").read_bytes()
+    for damaged in (b"garbage", intact[: len(intact) // 2]):
+        (path / "val.npz").write_bytes(damaged)
+        with pytest.raises(DataError, match="is damaged .*delete that folder and prepare again"):
+            load_prepared(cfg)

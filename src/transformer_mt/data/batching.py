@@ -142,7 +142,7 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         self._start = 0
-        # Ties are the only thing the shuffle reorders, so the batch sizes (and count) never change.
+        # Shuffling only reorders equal lengths and whole batches: every epoch has as many batches.
         self.num_global_batches = len(self._pack(self._sorted(np.arange(len(self.src_lengths)))))
 
     def set_epoch(self, epoch: int) -> None:

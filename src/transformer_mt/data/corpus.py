@@ -38,9 +38,9 @@ SPLITS = {
     "mscoco2017": "test_2017_mscoco",
     "test2018": "test_2018_flickr",
 }
-TEST_SPLITS = ("test2016", "test2017", "mscoco2017", "test2018")
-CUSTOM_SPLITS = ("train", "val", "test")
-# Czech was added to Multi30k after the 2017 test sets were made.
+# Split name -> the data.* key that lists a custom corpus's [source_file, target_file].
+CUSTOM_SPLITS = {"train": "train", "val": "valid", "test": "test"}
+# The 2017 test sets were never translated into Czech.
 MISSING_SPLITS = {"cs": ("test2017", "mscoco2017")}
 
 SHA256 = {
@@ -98,15 +98,15 @@ def available_splits(cfg: DataConfig) -> tuple[str, ...]:
 
 def check_split(cfg: DataConfig, split: str) -> None:
     """Raise DataError unless `split` exists for this corpus and language pair."""
-    known = CUSTOM_SPLITS if cfg.name == "custom" else tuple(SPLITS)
+    known = tuple(CUSTOM_SPLITS if cfg.name == "custom" else SPLITS)
     if split not in known:
         raise DataError(f"unknown split {split!r} for {cfg.name} (choose from {', '.join(known)})")
     splits = available_splits(cfg)
     if split not in splits:
         if cfg.name == "custom":
-            key = "valid" if split == "val" else split
             raise DataError(
-                f"split {split!r} has no files: set data.{key}=[source_file,target_file]"
+                f"split {split!r} has no files: "
+                f"set data.{CUSTOM_SPLITS[split]}=[source_file,target_file]"
             )
         raise DataError(
             f"Multi30k has no {split} split for {cfg.src}-{cfg.tgt} "
@@ -125,7 +125,7 @@ def resolve_mirror(cfg: DataConfig) -> str | None:
 
 
 def _custom_pair(cfg: DataConfig, split: str) -> list[str] | None:
-    key = {"train": "train", "val": "valid", "test": "test"}[split]
+    key = CUSTOM_SPLITS[split]
     files = getattr(cfg, key)
     if files is None:
         return None
@@ -145,10 +145,11 @@ def corpus_files(
 ) -> dict[str, SplitFiles]:
     """Locate (and for Multi30k, fetch and verify) the files of each split.
 
-    `splits=None` asks for what a training run needs: train and val, which must exist, plus every test
-    split of the pair that can be had; a test split the source lacks (test2018 on an offline mirror)
-    or that fails to download is skipped with a log line. Splits named explicitly must all exist. With `fetch=False` nothing is
-    downloaded or changed: only verified files already under `<data.root>/multi30k` count.
+    `splits=None` asks for what a training run needs: train and val, which must exist, plus every
+    test split of the pair that can be had; a test split the source lacks (test2018 on an offline
+    mirror) or that fails to download is skipped with a log line. Splits named explicitly must all
+    exist. With `fetch=False` nothing is downloaded or changed: only verified files already under
+    `<data.root>/multi30k` count.
     """
     if splits is None:
         optional = [s for s in available_splits(cfg) if s not in ("train", "val")]
@@ -284,12 +285,10 @@ def _custom_files(cfg: DataConfig, split: str) -> SplitFiles:
     src, tgt = (Path(p).expanduser() for p in _custom_pair(cfg, split))
     for path in (src, tgt):
         if not path.is_file():
-            raise DataError(f"{split} file {path} does not exist (check data.{_custom_key(split)})")
+            raise DataError(
+                f"{split} file {path} does not exist (check data.{CUSTOM_SPLITS[split]})"
+            )
     return SplitFiles(src, tgt, sha256_file(src), sha256_file(tgt))
-
-
-def _custom_key(split: str) -> str:
-    return "valid" if split == "val" else split
 
 
 # ---------------------------------------------------------------------------------------------

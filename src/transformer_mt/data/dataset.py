@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +78,8 @@ class SplitData:
 
 @dataclass
 class PreparedData:
+    """A loaded cache: its folder and manifest, both vocabularies and every prepared split."""
+
     path: Path
     manifest: dict[str, Any]
     src_vocab: Vocab
@@ -143,51 +146,15 @@ def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
     target = cache_root(cfg) / key
     if (target / "manifest.json").is_file():
         return target
-    from transformer_mt.data.tokenize import Tokenizer
-
     started = time.perf_counter()
-    src_tok = Tokenizer(cfg.src, cfg.lowercase)
-    tgt_tok = Tokenizer(cfg.tgt, cfg.lowercase)
-
-    counts: dict[str, dict[str, int]] = {}
-    raw: dict[str, tuple[list[str], list[str]]] = {}
-    tokens: dict[str, tuple[list[list[str]], list[list[str]]]] = {}
-    for split, pair in files.items():
-        src_lines, tgt_lines = read_parallel(
-            pair.src, pair.tgt, allow_empty=split not in ("train", "val")
-        )
-        src_tokens = list(src_tok.pipe(src_lines))
-        tgt_tokens = list(tgt_tok.pipe(tgt_lines))
-        counts[split] = {"lines": len(src_lines)}
-        if split == "train":
-            src_tokens, tgt_tokens, dropped, filtered = _clean_train(
-                src_tokens, tgt_tokens, cfg.max_len
-            )
-            counts[split].update(dropped_empty=dropped, filtered_long=filtered)
-            log.info(
-                "train: dropped %d pairs with an empty side, filtered %d pairs longer than "
-                "data.max_len=%d tokens",
-                dropped,
-                filtered,
-                cfg.max_len,
-            )
-            if not src_tokens:
-                raise DataError(
-                    f"no training pairs left in {pair.src} and {pair.tgt} after dropping empty pairs "
-                    f"and pairs longer than data.max_len={cfg.max_len}"
-                )
-        else:
-            raw[split] = (src_lines, tgt_lines)
-        counts[split]["pairs"] = len(src_tokens)
-        tokens[split] = (src_tokens, tgt_tokens)
-
-    train_src, train_tgt = tokens["train"]
+    splits, counts = _tokenize(cfg, files)
+    train = splits["train"]
     if cfg.shared_vocab:
-        src_vocab = tgt_vocab = Vocab.build([*train_src, *train_tgt], cfg.min_freq, cfg.max_size)
+        both = [*train.src_tokens, *train.tgt_tokens]
+        src_vocab = tgt_vocab = Vocab.build(both, cfg.min_freq, cfg.max_size)
     else:
-        src_vocab = Vocab.build(train_src, cfg.min_freq, cfg.max_size)
-        tgt_vocab = Vocab.build(train_tgt, cfg.min_freq, cfg.max_size)
-
+        src_vocab = Vocab.build(train.src_tokens, cfg.min_freq, cfg.max_size)
+        tgt_vocab = Vocab.build(train.tgt_tokens, cfg.min_freq, cfg.max_size)
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
@@ -200,25 +167,91 @@ def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
             }
             for split, f in files.items()
         },
-        "splits": list(files),
+        "splits": list(splits),
         "counts": counts,
         "vocab_sizes": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    _write_cache(target, manifest, src_vocab, tgt_vocab, splits)
+    log.info("prepared %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+@dataclass
+class _TokenizedSplit:
+    src_tokens: list[list[str]]
+    tgt_tokens: list[list[str]]
+    src_lines: list[str] | None  # raw text, kept for every split but train
+    ref_lines: list[str] | None
+
+
+def _tokenize(
+    cfg: DataConfig, files: dict[str, SplitFiles]
+) -> tuple[dict[str, _TokenizedSplit], dict[str, dict[str, int]]]:
+    """Read and tokenize every split, cleaning the training split; return them and their counts."""
+    from transformer_mt.data.tokenize import Tokenizer
+
+    src_tok = Tokenizer(cfg.src, cfg.lowercase)
+    tgt_tok = Tokenizer(cfg.tgt, cfg.lowercase)
+    splits: dict[str, _TokenizedSplit] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for split, pair in files.items():
+        src_lines, tgt_lines = read_parallel(
+            pair.src, pair.tgt, allow_empty=split not in ("train", "val")
+        )
+        src_tokens = list(src_tok.pipe(src_lines))
+        tgt_tokens = list(tgt_tok.pipe(tgt_lines))
+        if split != "train":
+            splits[split] = _TokenizedSplit(src_tokens, tgt_tokens, src_lines, tgt_lines)
+            counts[split] = {"lines": len(src_lines), "pairs": len(src_lines)}
+            continue
+        src_tokens, tgt_tokens, dropped, filtered = _clean_train(
+            src_tokens, tgt_tokens, cfg.max_len
+        )
+        log.info(
+            "train: dropped %d pairs with an empty side, filtered %d pairs longer than "
+            "data.max_len=%d tokens",
+            dropped,
+            filtered,
+            cfg.max_len,
+        )
+        if not src_tokens:
+            raise DataError(
+                f"no training pairs left in {pair.src} and {pair.tgt} after dropping empty pairs "
+                f"and pairs longer than data.max_len={cfg.max_len}"
+            )
+        splits[split] = _TokenizedSplit(src_tokens, tgt_tokens, None, None)
+        counts[split] = {
+            "lines": len(src_lines),
+            "dropped_empty": dropped,
+            "filtered_long": filtered,
+            "pairs": len(src_tokens),
+        }
+    return splits, counts
+
+
+def _write_cache(
+    target: Path,
+    manifest: dict[str, Any],
+    src_vocab: Vocab,
+    tgt_vocab: Vocab,
+    splits: dict[str, _TokenizedSplit],
+) -> None:
+    """Write the cache folder under a temporary name, then rename it to `target` in one step."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=target.parent))
+    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_json(building / "src_vocab.json", src_vocab.to_list())
         _write_json(building / "tgt_vocab.json", tgt_vocab.to_list())
-        for split, (src_tokens, tgt_tokens) in tokens.items():
+        for name, split in splits.items():
             _save_ids(
-                building / f"{split}.npz",
-                [src_vocab.encode(t) for t in src_tokens],
-                [tgt_vocab.encode(t) for t in tgt_tokens],
+                building / f"{name}.npz",
+                [src_vocab.encode(tokens) for tokens in split.src_tokens],
+                [tgt_vocab.encode(tokens) for tokens in split.tgt_tokens],
             )
-            if split in raw:
-                src_lines, ref_lines = raw[split]
-                _write_json(building / f"{split}.text.json", {"src": src_lines, "ref": ref_lines})
+            if split.src_lines is not None:
+                text = {"src": split.src_lines, "ref": split.ref_lines}
+                _write_json(building / f"{name}.text.json", text)
         _write_json(building / "manifest.json", manifest)
         building.chmod(0o755)  # mkdtemp makes it private
         try:
@@ -228,8 +261,6 @@ def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
                 raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    log.info("prepared %s in %.1f s", target, time.perf_counter() - started)
-    return target
 
 
 def _clean_train(
@@ -310,6 +341,19 @@ def _existing_cache(cfg: DataConfig) -> Path | None:
 
 
 def _load(path: Path, cfg: DataConfig) -> PreparedData:
+    try:
+        data = _read_cache(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(
+            f"the prepared data {path} is damaged ({err}): delete that folder and prepare again"
+        ) from None
+    if cfg.limit_train is not None and "train" in data.splits:
+        train = data.splits["train"]
+        train.src, train.tgt = train.src[: cfg.limit_train], train.tgt[: cfg.limit_train]
+    return data
+
+
+def _read_cache(path: Path) -> PreparedData:
     manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     src_vocab = Vocab(json.loads((path / "src_vocab.json").read_text(encoding="utf-8")))
     tgt_vocab = Vocab(json.loads((path / "tgt_vocab.json").read_text(encoding="utf-8")))
@@ -324,9 +368,6 @@ def _load(path: Path, cfg: DataConfig) -> PreparedData:
             text = json.loads(text_path.read_text(encoding="utf-8"))
             split.src_text, split.ref_text = text["src"], text["ref"]
         splits[name] = split
-    if cfg.limit_train is not None and "train" in splits:
-        train = splits["train"]
-        train.src, train.tgt = train.src[: cfg.limit_train], train.tgt[: cfg.limit_train]
     return PreparedData(path, manifest, src_vocab, tgt_vocab, splits)
 
 

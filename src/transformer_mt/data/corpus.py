@@ -267,6 +267,7 @@ def _write_verified(stream, path: Path, expected: str, origin: str) -> None:
                 f"{path.name} from {origin} fails its SHA-256 check (got {digest.hexdigest()[:16]}..., "
                 f"expected {expected[:16]}...): the bad copy was deleted; fetch it again or fix the mirror"
             )
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

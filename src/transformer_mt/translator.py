@@ -212,7 +212,14 @@ class Translator:
         from transformer_mt.model import build_model
         from transformer_mt.train.checkpoint import load_checkpoint
 
-        payload = load_checkpoint(path)
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError:
+            raise
+        except Exception as err:  # torch's unpickler fails in many ways on a file of another kind
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint ({type(err).__name__})"
+            ) from None
         try:
             model_cfg = to_dataclass(ModelConfig, payload["model_config"])
             src_vocab, tgt_vocab = Vocab(payload["src_vocab"]), Vocab(payload["tgt_vocab"])

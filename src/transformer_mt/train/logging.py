@@ -7,11 +7,13 @@ time and flushed, the PNG is written to a temp file and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,17 +142,24 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def attach_log_file(path: Path) -> None:
-    """Also write the root logger's records to `path`, unless a handler already does."""
+@contextlib.contextmanager
+def log_file(path: Path) -> Iterator[None]:
+    """Also write the root logger's records to `path` while active, unless a handler already does
+    (Hydra's own run log, for a single run, is that file)."""
     root = logging.getLogger()
     target = os.path.abspath(path)
-    for handler in root.handlers:
-        if isinstance(handler, logging.FileHandler) and handler.baseFilename == target:
-            return
+    if any(getattr(handler, "baseFilename", None) == target for handler in root.handlers):
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(target)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _nan(value: float | None) -> float:

@@ -42,7 +42,7 @@ from transformer_mt.train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from transformer_mt.train.logging import RunLogger, attach_log_file
+from transformer_mt.train.logging import RunLogger, log_file
 from transformer_mt.train.loss import token_loss_sum
 from transformer_mt.train.optim import PlateauSchedule, build_optimizer, is_improvement, set_lr
 from transformer_mt.train.rundir import RunPaths, open_run
@@ -72,16 +72,18 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         paths = RunPaths.create(cfg.run_name, cfg.saved_dir, cfg.result_dir)
         lock = dist.run_on_main(info, lambda: open_run(paths, cfg.trainer.resume))
         try:
-            if info.is_main:
-                attach_log_file(paths.result / "train.log")
+            logs = (
+                log_file(paths.result / "train.log") if info.is_main else contextlib.nullcontext()
+            )
+            with logs:
                 _warn_if_slow(cfg, device)
-            data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data))
-            if data is None:  # the other ranks load the cache rank 0 has just prepared
-                data = load_or_prepare(cfg.data)
-            trainer = Trainer(cfg, data, paths, info, device)
-            if cfg.trainer.resume:
-                trainer.load(paths.last)
-            return trainer.fit()
+                data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data))
+                if data is None:  # the other ranks load the cache rank 0 has just prepared
+                    data = load_or_prepare(cfg.data)
+                trainer = Trainer(cfg, data, paths, info, device)
+                if cfg.trainer.resume:
+                    trainer.load(paths.last)
+                return trainer.fit()
         finally:
             if lock is not None:
                 lock.release()

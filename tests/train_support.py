@@ -1,0 +1,109 @@
+"""Shared by the training tests: a synthetic corpus, Hydra overrides and ways to run training.
+
+The task: the target is the source sentence reversed, over a dozen animal names written as words
+(so spaCy's blank tokenizers keep each word a token). The `tiny` model learns it in a few hundred
+steps on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "lark"]
+
+
+def write_reversal_corpus(folder: Path, n_train: int = 2000, n_val: int = 100) -> dict[str, Path]:
+    """Train and val files (`.src` / `.tgt`) of the reversal task; returns their paths."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        src_lines, tgt_lines = [], []
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))]
+            src_lines.append(" ".join(words))
+            tgt_lines.append(" ".join(reversed(words)))
+        for side, lines in (("src", src_lines), ("tgt", tgt_lines)):
+            path = folder / f"{split}.{side}"
+            path.write_text("\n".join(lines) + "\n")
+            paths[f"{split}_{side}"] = path
+    return paths
+
+
+def overrides(corpus: dict[str, Path], root: Path, run_name: str, *extra: str) -> list[str]:
+    """Hydra overrides for a quick tiny-model run on `corpus`; files under `root`."""
+    return [
+        "data=custom",
+        "data.src=en",
+        "data.tgt=de",
+        f"data.train=[{corpus['train_src']},{corpus['train_tgt']}]",
+        f"data.valid=[{corpus['val_src']},{corpus['val_tgt']}]",
+        f"data.root={root / 'data'}",
+        "data.min_freq=1",
+        "data.max_tokens=400",
+        "model=tiny",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=50",
+        "optim.label_smoothing=0.0",
+        "trainer.device=cpu",
+        "trainer.progress=false",
+        "trainer.log_every=10",
+        f"saved_dir={root / 'saved'}",
+        f"result_dir={root / 'result'}",
+        f"run_name={run_name}",
+        *extra,
+    ]
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per process: on a shared CPU, two threads fighting for a core run far slower."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python scripts/train.py ARGS` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def compose_config(args: list[str]):
+    """The TrainConfig the entry point would build from `args` (Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from transformer_mt.cli.common import CONFIG_DIR, register_configs
+    from transformer_mt.config import TrainConfig, to_dataclass
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        node = compose(config_name="train", overrides=args)
+    return to_dataclass(TrainConfig, node)
+
+
+class OneThread:
+    """Context: torch on one thread (restored afterwards), as in the subprocess runs."""
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.set_num_threads(self.previous)
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]

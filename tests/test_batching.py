@@ -5,10 +5,13 @@ from transformer_mt.data.batching import (
     PairDataset,
     TokenBucketSampler,
     collate,
-    fixed_size_batches,
     make_loader,
+)
+from transformer_mt.data.buckets import (
+    fixed_size_batches,
     padding_report,
     padding_share,
+    token_batches,
 )
 from transformer_mt.data.dataset import SplitData, load_prepared
 from transformer_mt.data.vocab import BOS, EOS, PAD
@@ -148,6 +151,18 @@ def test_loader_yields_batches_of_the_split():
         assert batch.src.shape[0] * max(batch.src.shape[1], batch.tgt_in.shape[1]) <= 40
         seen += batch.indices.tolist()
     assert sorted(seen) == list(range(50))
+
+
+def test_every_epoch_has_the_padding_of_the_unshuffled_batches():
+    src, tgt = _lengths(2000)
+    sampler = TokenBucketSampler(src, tgt, max_tokens=500, seed=2)
+    unshuffled = token_batches(src, tgt, max_tokens=500)
+    assert list(TokenBucketSampler(src, tgt, max_tokens=500, shuffle=False)) == unshuffled
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = sampler.batches()
+        assert padding_share(src, tgt, batches) == padding_share(src, tgt, unshuffled)
+        assert sorted(map(len, batches)) == sorted(map(len, unshuffled))
 
 
 def test_padding_share_counts_pad_positions():

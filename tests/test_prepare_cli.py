@@ -74,6 +74,15 @@ def test_the_script_prepares_en_fr_and_a_second_run_loads_the_cache(tmp_path, mu
     ]  # no log file in the working folder
 
 
+def test_the_entry_point_loads_neither_torch_nor_spacy_until_it_prepares():
+    code = (
+        "import sys\n"
+        "import transformer_mt.cli.prepare\n"
+        "assert 'torch' not in sys.modules and 'spacy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_the_summary_reports_counts_vocabulary_and_padding(monkeypatch, capsys, multi30k_de_en):
     status, out, _ = run_prepare(monkeypatch, capsys, f"data.root={multi30k_de_en.root}")
     assert status == 0

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from transformer_mt.cli.common import CONFIG_DIR, register_configs, report_user_errors
 from transformer_mt.config import DataConfig, PrepareConfig, to_dataclass
-from transformer_mt.data.batching import padding_report
+from transformer_mt.data.buckets import padding_report
 from transformer_mt.data.dataset import PreparedData, load_or_prepare
 
 

@@ -4,7 +4,8 @@
     tokenize.py   spaCy blank tokenizers; the detokenizer for model output (sacremoses + rules)
     vocab.py      token <-> id, fixed specials PAD=0 UNK=1 BOS=2 EOS=3
     dataset.py    the prepared cache under <data.root>/cache/<key>/: prepare once, load in a second
-    batching.py   token-budget buckets (TokenBucketSampler), collate -> Batch
+    buckets.py    which sentences share a batch: length sorting, token-budget packing, padding share
+    batching.py   the per-epoch sampler (TokenBucketSampler), collate -> Batch
 
 Nothing is imported here, so that `from transformer_mt.data.vocab import PAD` stays cheap: spaCy is
 only loaded by tokenize.py, torch only by batching.py.

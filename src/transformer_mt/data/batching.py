@@ -1,12 +1,10 @@
-"""Batches by token budget: length buckets, a seeded per-epoch shuffle, DDP shards, padding.
+"""Batches for training and validation: the token-budget sampler, padding, the `Batch` type.
 
-Sentences of similar length are batched together until the padded size of the batch,
-`len(batch) * max(longest source, longest target)` (specials included), would exceed `max_tokens`,
-as fairseq does. That keeps the work per step even and the padding small.
-
-A source is fed as `x + [EOS]`; a target as `tgt_in = [BOS] + y`, predicted as `tgt_out = y + [EOS]`.
-Every length given to this module is the length of `x` or `y`, without specials; the one special each
-side gets is added here.
+`TokenBucketSampler` groups sentences of similar length under a token budget (see buckets.py),
+reshuffles them every epoch with a seeded torch.Generator and shards them across DDP ranks;
+`collate` pads them into a `Batch`. A source is fed as `x + [EOS]`; a target as
+`tgt_in = [BOS] + y`, predicted as `tgt_out = y + [EOS]`. Lengths given to the sampler are those of
+`x` and `y`, without specials.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from transformer_mt.data.buckets import pack, sort_by_length, token_batches, with_specials
 from transformer_mt.data.vocab import BOS, EOS, PAD
 
 if TYPE_CHECKING:
@@ -106,7 +105,8 @@ class TokenBucketSampler(Sampler[list[int]]):
 
     Each epoch (`set_epoch`): examples are sorted by source then target length, ties in a fresh
     random order; consecutive examples fill a batch while `len(batch) * longest` fits the budget
-    (one sentence longer than the budget gets a batch of its own); the batch order is shuffled.
+    (one sentence longer than the budget gets a batch of its own; see buckets.py); the batch order
+    is shuffled.
     With `num_replicas > 1` the global batch list is padded by repeating its first batches so that
     every rank gets the same number, and rank r takes batches r, r + R, r + 2R, ... All randomness
     comes from a torch.Generator seeded with (seed, epoch): the same seed and epoch give the same
@@ -132,9 +132,8 @@ class TokenBucketSampler(Sampler[list[int]]):
             raise ValueError(f"max_tokens must be > 0 (got {max_tokens})")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
-        # +1: the EOS of the source, the BOS / EOS of the target.
-        self.src_lengths = np.asarray(src_lengths, dtype=np.int64) + 1
-        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64) + 1
+        self.src_lengths = with_specials(src_lengths)
+        self.tgt_lengths = with_specials(tgt_lengths)
         self.max_tokens = max_tokens
         self.shuffle = shuffle
         self.seed = seed
@@ -143,7 +142,7 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.epoch = 0
         self._start = 0
         # Shuffling only reorders equal lengths and whole batches: every epoch has as many batches.
-        self.num_global_batches = len(self._pack(self._sorted(np.arange(len(self.src_lengths)))))
+        self.num_global_batches = len(token_batches(src_lengths, tgt_lengths, max_tokens))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -154,7 +153,8 @@ class TokenBucketSampler(Sampler[list[int]]):
         n = len(self.src_lengths)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=generator).numpy() if self.shuffle else np.arange(n)
-        batches = self._pack(self._sorted(order))
+        order = sort_by_length(self.src_lengths, self.tgt_lengths, order)
+        batches = pack(self.src_lengths, self.tgt_lengths, order, self.max_tokens)
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
         if self.num_replicas > 1 and batches:
@@ -185,25 +185,6 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.seed = int(state["seed"])
         self._start = int(state["batches_done"])
 
-    def _sorted(self, order: np.ndarray) -> np.ndarray:
-        # np.lexsort is stable: equal lengths keep the (shuffled) order they came in.
-        return order[np.lexsort((self.tgt_lengths[order], self.src_lengths[order]))]
-
-    def _pack(self, order: np.ndarray) -> list[list[int]]:
-        longest_side = np.maximum(self.src_lengths, self.tgt_lengths)
-        batches: list[list[int]] = []
-        batch: list[int] = []
-        longest = 0
-        for index, length in zip(order.tolist(), longest_side[order].tolist(), strict=True):
-            if batch and max(longest, length) * (len(batch) + 1) > self.max_tokens:
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(index)
-            longest = max(longest, length)
-        if batch:
-            batches.append(batch)
-        return batches
-
 
 def make_loader(
     split: SplitData, sampler: TokenBucketSampler, num_workers: int = 0, pin_memory: bool = False
@@ -215,51 +196,4 @@ def make_loader(
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin_memory,
-    )
-
-
-def padding_share(
-    src_lengths: Sequence[int], tgt_lengths: Sequence[int], batches: Sequence[Sequence[int]]
-) -> float:
-    """Share of PAD among all source and target positions of `batches` (specials counted as tokens)."""
-    src = np.asarray(src_lengths, dtype=np.int64) + 1
-    tgt = np.asarray(tgt_lengths, dtype=np.int64) + 1
-    padded = real = 0
-    for batch in batches:
-        idx = np.asarray(batch, dtype=np.int64)
-        padded += len(idx) * (int(src[idx].max()) + int(tgt[idx].max()))
-        real += int(src[idx].sum()) + int(tgt[idx].sum())
-    return (padded - real) / padded if padded else 0.0
-
-
-def fixed_size_batches(num_examples: int, batch_size: int, seed: int = 0) -> list[list[int]]:
-    """Batches of `batch_size` randomly chosen sentences: the baseline token buckets are compared to."""
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
-
-
-@dataclass
-class PaddingReport:
-    """Padding of token-budget batches against fixed-size batches of the same mean sentence count."""
-
-    bucket_share: float
-    num_batches: int
-    mean_sentences: float
-    fixed_share: float
-    fixed_batch_size: int
-
-
-def padding_report(split: SplitData, max_tokens: int, seed: int = 0) -> PaddingReport:
-    """Measure the PAD share of one epoch of `TokenBucketSampler(max_tokens)` batches of `split`."""
-    src_lengths, tgt_lengths = split.src_lengths(), split.tgt_lengths()
-    batches = TokenBucketSampler(src_lengths, tgt_lengths, max_tokens, seed=seed).batches()
-    mean_sentences = len(split) / max(len(batches), 1)
-    fixed_size = max(round(mean_sentences), 1)
-    fixed = fixed_size_batches(len(split), fixed_size, seed=seed)
-    return PaddingReport(
-        bucket_share=padding_share(src_lengths, tgt_lengths, batches),
-        num_batches=len(batches),
-        mean_sentences=mean_sentences,
-        fixed_share=padding_share(src_lengths, tgt_lengths, fixed),
-        fixed_batch_size=fixed_size,
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from transformer_mt.train.checkpoint import CHECKPOINT_FORMAT
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "lark"]
@@ -38,15 +40,20 @@ def write_reversal_corpus(folder: Path, n_train: int = 2000, n_val: int = 100) -
     return paths
 
 
-def overrides(corpus: dict[str, Path], root: Path, run_name: str, *extra: str) -> list[str]:
-    """Hydra overrides for a quick tiny-model run on `corpus`; files under `root`."""
+def overrides(
+    corpus: dict[str, Path], root: Path, run_name: str, *extra: str, data_root: Path | None = None
+) -> list[str]:
+    """Hydra overrides for a quick tiny-model run on `corpus`; files under `root`.
+
+    `data_root` (default `root / "data"`) holds the prepared cache: runs that share it prepare once.
+    """
     return [
         "data=custom",
         "data.src=en",
         "data.tgt=de",
         f"data.train=[{corpus['train_src']},{corpus['train_tgt']}]",
         f"data.valid=[{corpus['val_src']},{corpus['val_tgt']}]",
-        f"data.root={root / 'data'}",
+        f"data.root={data_root or root / 'data'}",
         "data.min_freq=1",
         "data.max_tokens=400",
         "model=tiny",
@@ -107,3 +114,24 @@ class OneThread:
 
 def model_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def checkpoint_payload(scale: float = 1.0, **extra) -> dict:
+    """A small checkpoint dict in the real format (weights scaled by `scale`)."""
+    return {
+        "format_version": CHECKPOINT_FORMAT,
+        "model": {
+            "weight": torch.full((2, 3), scale),
+            "bias": torch.arange(3, dtype=torch.float32) * scale,
+            "steps": torch.tensor(int(scale), dtype=torch.long),
+        },
+        "model_config": {"d_model": 3},
+        "config": {"run_name": "r"},
+        "src_vocab": ["<pad>", "<unk>", "<bos>", "<eos>", "a"],
+        "tgt_vocab": ["<pad>", "<unk>", "<bos>", "<eos>", "b"],
+        "tokenizer": {"src_lang": "de", "tgt_lang": "en", "lowercase": False},
+        "epoch": int(scale),
+        "step": 10 * int(scale),
+        "metrics": {"val_bleu": scale},
+        **extra,
+    }

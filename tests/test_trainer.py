@@ -1,0 +1,272 @@
+"""The trainer never loses work: refusals before training, a lock per run, stops on bad states.
+
+Errors go through the real entry point (`transformer_mt.cli.train.main`, in this process) and are
+checked for their one-line message, a non-zero exit status and nothing half-written left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+
+from transformer_mt.cli import train as train_cli
+from transformer_mt.errors import CheckpointError, UserError
+from transformer_mt.train import trainer as trainer_module
+from transformer_mt.train.rundir import LOCK_NAME, RunLock, RunPaths, open_run
+from transformer_mt.train.trainer import TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    return {**write_reversal_corpus(folder, n_train=200, n_val=20), "data_root": folder / "data"}
+
+
+def args_for(corpus, root, run_name, *extra):
+    """Overrides for a quick run; the prepared data is shared by the runs of this module."""
+    files = {key: value for key, value in corpus.items() if key != "data_root"}
+    return overrides(files, root, run_name, *extra, data_root=corpus["data_root"])
+
+
+def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Call the `mt-train` entry point with `args`; return (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with OneThread():
+        try:
+            train_cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def _user_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Refusals before any work
+
+
+def test_invalid_config_value_fails_before_any_work(corpus, tmp_path, monkeypatch, capsys):
+    code, err = run_main(
+        args_for(corpus, tmp_path, "bad", "trainer.monitor=bleu"), monkeypatch, capsys
+    )
+    assert code == 2
+    assert "trainer.monitor" in _user_error_line(err)
+    assert not (tmp_path / "saved").exists()
+
+
+def test_misspelt_key_fails_naming_it(corpus, tmp_path, monkeypatch, capsys):
+    code, err = run_main(
+        args_for(corpus, tmp_path, "bad", "trainer.max_epoch=3"), monkeypatch, capsys
+    )
+    assert code != 0
+    assert "max_epoch" in err
+    assert not (tmp_path / "saved").exists()
+
+
+def test_existing_run_is_never_overwritten(corpus, tmp_path, monkeypatch, capsys):
+    saved = tmp_path / "saved" / "taken"
+    saved.mkdir(parents=True)
+    (saved / "last.pt").write_bytes(b"precious")
+    code, err = run_main(args_for(corpus, tmp_path, "taken"), monkeypatch, capsys)
+    assert code == 2
+    line = _user_error_line(err)
+    assert "already holds checkpoints" in line and "trainer.resume=true" in line
+    assert sorted(p.name for p in saved.iterdir()) == ["last.pt"]
+    assert (saved / "last.pt").read_bytes() == b"precious"
+
+
+def test_resume_without_last_checkpoint_is_an_error(corpus, tmp_path, monkeypatch, capsys):
+    code, err = run_main(
+        args_for(corpus, tmp_path, "ghost", "trainer.resume=true"), monkeypatch, capsys
+    )
+    assert code == 2
+    line = _user_error_line(err)
+    assert "last.pt does not exist" in line and "ghost" in line
+    assert not (tmp_path / "saved" / "ghost").exists()
+
+
+def test_unwritable_saved_dir_stops_before_training(corpus, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "saved-is-a-file"
+    blocker.write_text("not a folder")
+    args = args_for(corpus, tmp_path, "nowhere", f"saved_dir={blocker}")
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2
+    assert f"cannot write to {blocker / 'nowhere'}" in _user_error_line(err)
+    assert blocker.read_text() == "not a folder"
+    assert not (tmp_path / "result" / "nowhere" / "metrics.csv").exists()  # stopped before training
+
+
+def test_second_run_on_the_same_name_refuses_while_the_first_is_alive(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    saved = tmp_path / "saved" / "busy"
+    saved.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname()}
+        (saved / LOCK_NAME).write_text(json.dumps(lock))
+        code, err = run_main(args_for(corpus, tmp_path, "busy"), monkeypatch, capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2
+    assert f"already being trained by process {holder.pid}" in _user_error_line(err)
+    assert json.loads((saved / LOCK_NAME).read_text()) == lock  # the other run's lock stays
+
+
+def test_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    with pytest.raises(UserError, match="already being trained"):
+        RunLock(tmp_path).acquire()  # this very process is alive
+    first.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    second = RunLock(tmp_path)
+    second.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    second.release()
+
+
+def test_open_run_leaves_nothing_behind_when_it_refuses(tmp_path):
+    paths = RunPaths.create("fresh", tmp_path / "saved", tmp_path / "result")
+    with pytest.raises(CheckpointError):
+        open_run(paths, resume=True)
+    assert not paths.saved.exists()
+    lock = open_run(paths, resume=False)
+    assert (paths.saved / LOCK_NAME).exists()
+    lock.release()
+    assert list(paths.saved.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
+# Stops during training
+
+
+def _poison_loss_from(monkeypatch, first_bad_call: int, last_bad_call: int | None = None):
+    """Make the training loss NaN on training calls first_bad_call..last_bad_call (1-based)."""
+    real = trainer_module.token_loss_sum
+    calls = {"n": 0}
+
+    def loss(logits, target, label_smoothing=0.0):
+        value = real(logits, target, label_smoothing)
+        if not torch.is_grad_enabled():
+            return value  # validation
+        calls["n"] += 1
+        last = last_bad_call if last_bad_call is not None else float("inf")
+        return value * float("nan") if first_bad_call <= calls["n"] <= last else value
+
+    monkeypatch.setattr(trainer_module, "token_loss_sum", loss)
+
+
+def _steps_per_epoch(corpus, tmp_path) -> int:
+    with OneThread():
+        cfg = compose_config(args_for(corpus, tmp_path, "count", "trainer.max_epochs=1"))
+        train(cfg)
+    return torch.load(tmp_path / "saved" / "count" / "last.pt", weights_only=True)["step"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    corpus, tmp_path, monkeypatch
+):
+    per_epoch = _steps_per_epoch(corpus, tmp_path)
+    bad_step = per_epoch + 2
+    _poison_loss_from(monkeypatch, bad_step)
+    cfg = compose_config(args_for(corpus, tmp_path, "diverges", "trainer.max_epochs=3"))
+    with OneThread(), pytest.raises(TrainingDiverged) as stopped:
+        train(cfg)
+    message = str(stopped.value)
+    saved = tmp_path / "saved" / "diverges"
+    assert f"at step {bad_step}" in message
+    assert f"{saved / 'last.pt'} (step {per_epoch})" in message
+    last = torch.load(saved / "last.pt", weights_only=True)
+    assert last["step"] == per_epoch and last["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert not (saved / LOCK_NAME).exists()
+
+
+def test_skip_nonfinite_skips_the_batch_and_trains_on(corpus, tmp_path, monkeypatch, caplog):
+    _poison_loss_from(monkeypatch, 3, 3)
+    cfg = compose_config(
+        args_for(corpus, tmp_path, "skips", "trainer.max_epochs=1", "trainer.skip_nonfinite=true")
+    )
+    with OneThread(), caplog.at_level(logging.WARNING):
+        metrics = train(cfg)
+    assert "step 3: non-finite loss or gradient, batch skipped" in caplog.text
+    assert all(map(lambda v: v == v, metrics.values()))  # no NaN
+    last = torch.load(tmp_path / "saved" / "skips" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+
+
+def test_full_disk_stops_the_run_naming_the_file(corpus, tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    cfg = compose_config(args_for(corpus, tmp_path, "full", "trainer.max_epochs=3"))
+    with OneThread(), pytest.raises(CheckpointError) as stopped:
+        train(cfg)
+    saved = tmp_path / "saved" / "full"
+    assert f"cannot write checkpoint {saved / 'last.pt'}" in str(stopped.value)
+    assert "No space left on device" in str(stopped.value)
+    assert sorted(p.name for p in saved.iterdir()) == []  # no temp files, lock released
+    rows = (tmp_path / "result" / "full" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1  # header only: it did not train on without a checkpoint
+
+
+# ------------------------------------------------------------------------------------------
+# Stopping rules and messages
+
+
+def test_max_steps_stops_mid_epoch_and_saves(corpus, tmp_path):
+    cfg = compose_config(args_for(corpus, tmp_path, "short", "trainer.max_steps=3"))
+    with OneThread():
+        train(cfg)
+    last = torch.load(tmp_path / "saved" / "short" / "last.pt", weights_only=True)
+    assert last["step"] == 3 and last["epoch"] == 0
+    assert last["train_state"]["progress"]["batches_in_epoch"] == 3
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(corpus, tmp_path, caplog):
+    cfg = compose_config(
+        args_for(
+            corpus,
+            tmp_path,
+            "stalls",
+            "optim.lr=1e-30",  # the weights cannot move: val_loss never improves after epoch 1
+            "optim.warmup_steps=0",
+            "trainer.monitor=val_loss",
+            "trainer.patience=2",
+            "trainer.max_epochs=10",
+        )
+    )
+    with OneThread(), caplog.at_level(logging.INFO):
+        train(cfg)
+    last = torch.load(tmp_path / "saved" / "stalls" / "last.pt", weights_only=True)
+    assert last["epoch"] == 3
+    assert "early stopping: val_loss has not improved for 2 epochs" in caplog.text
+
+
+def test_cpu_with_the_base_model_warns_and_names_the_small_preset(caplog):
+    cfg = compose_config(["model=base", "run_name=x"])
+    with caplog.at_level(logging.WARNING):
+        trainer_module._warn_if_slow(cfg, torch.device("cpu"))
+    assert "model=small" in caplog.text and "slow" in caplog.text

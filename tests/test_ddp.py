@@ -1,0 +1,90 @@
+"""`torchrun --nproc_per_node=2` (gloo on CPU) trains like one process on the same global batches.
+
+Rank r of R trains on batches r, r + R, r + 2R, ... of each epoch, and every step's loss is
+normalised by the target tokens of all ranks; one process with `trainer.accumulate=2` sees the same
+pairs of batches in the same order and normalises the same way. The two runs differ only in the
+order of floating-point sums (DDP's all-reduce against accumulation in place), so their metrics
+agree to rounding: validation loss to 1e-4 relative, BLEU to 0.5 points.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+from train_support import (
+    REPO,
+    TRAIN_SCRIPT,
+    OneThread,
+    compose_config,
+    overrides,
+    subprocess_env,
+    write_reversal_corpus,
+)
+
+from transformer_mt.data.batching import TokenBucketSampler
+from transformer_mt.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 400
+
+
+def _even_batch_count_limit(corpus) -> int:
+    """A data.limit_train giving an even number of batches (no padding of the DDP shards)."""
+    src = [len(line.split()) for line in corpus["train_src"].read_text().splitlines()]
+    tgt = [len(line.split()) for line in corpus["train_tgt"].read_text().splitlines()]
+    for limit in range(1000, 1100, 10):
+        sampler = TokenBucketSampler(src[:limit], tgt[:limit], MAX_TOKENS)
+        if sampler.num_global_batches % 2 == 0:
+            return limit
+    raise AssertionError("no limit_train in 1000..1090 gives an even batch count")
+
+
+def _rows(result_dir):
+    with open(result_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=1100, n_val=40)
+    limit = _even_batch_count_limit(corpus)
+    common = ("trainer.max_epochs=4", f"data.limit_train={limit}", f"data.max_tokens={MAX_TOKENS}")
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(TRAIN_SCRIPT),
+            *overrides(corpus, tmp_path, "ddp", *common),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with OneThread():
+        train(
+            compose_config(overrides(corpus, tmp_path, "single", *common, "trainer.accumulate=2"))
+        )
+
+    ddp, single = _rows(tmp_path / "result" / "ddp"), _rows(tmp_path / "result" / "single")
+    assert len(ddp) == len(single) == 4
+    assert float(ddp[-1]["val_loss"]) < 0.8 * float(ddp[0]["val_loss"])  # it does learn
+    for a, b in zip(ddp, single, strict=True):
+        assert a["step"] == b["step"]
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
+        assert float(a["val_bleu"]) == pytest.approx(float(b["val_bleu"]), abs=0.5)
+    # Only rank 0 wrote: one run folder each, and no stray Hydra output from rank 1.
+    assert sorted(p.name for p in (tmp_path / "result").iterdir()) == ["ddp", "single"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["ddp", "single"]
+    assert "x 2 processes" in (tmp_path / "result" / "ddp" / "train.log").read_text()
+    assert not (REPO / "train.log").exists()

@@ -142,7 +142,7 @@ def build(args: argparse.Namespace, device: torch.device):
         max_len_a=0 if args.max_len_a is None else args.max_len_a,
         max_len_b=1.0 if args.max_len_b is None else args.max_len_b,
     )
-    return None, cfg, None, f"model={args.model}, random weights, EOS banned"
+    return None, cfg, None, f"model={args.model}, random weights, EOS logit {EOS_LOGIT:g}"
 
 
 @report_user_errors

@@ -40,6 +40,7 @@ examples:
   %(prog)s saved/RUN/best.pt "Ein Mann fährt Fahrrad." "Zwei Hunde."
   echo "Zwei Hunde spielen im Schnee." | %(prog)s saved/RUN/best.pt
   %(prog)s saved/RUN/best.pt --input test.de --output test.en --batch-size 64
+  %(prog)s saved/RUN/best.pt --beam 1 --device cpu "Zwei Hunde."   # greedy, on the CPU
   %(prog)s saved/RUN/best.pt --nbest 3 "Ein Mann fährt Fahrrad."
   %(prog)s saved/RUN/best.pt --attention attention.png "Ein Mann fährt Fahrrad."
   %(prog)s saved/RUN/best.pt -- "-Ein Satz, der mit einem Bindestrich beginnt."

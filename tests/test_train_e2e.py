@@ -6,10 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from train_support import overrides, run_cli, write_reversal_corpus
+from train_support import (
+    REPO,
+    TRAIN_SCRIPT,
+    overrides,
+    run_cli,
+    subprocess_env,
+    write_reversal_corpus,
+)
 
 from transformer_mt.train.logging import METRIC_COLUMNS
 
@@ -135,3 +146,55 @@ def test_log_shows_samples_and_the_averaged_model(finished_run):
     assert "source:" in text and "reference:" in text and "hypothesis:" in text
     assert "averaged epoch_" in text
     assert "training stopped:" in text
+
+
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=1000, n_val=20)
+    args = overrides(corpus, tmp_path, "stopped", "trainer.max_epochs=2", "data.max_tokens=150")
+    saved = tmp_path / "saved" / "stopped"
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (saved / "epoch_1.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    log = (tmp_path / "result" / "stopped" / "train.log").read_text()
+    assert "interrupted by SIGINT" in log and "trainer.resume=true" in log
+    state = torch.load(saved / "last.pt", weights_only=True)["train_state"]
+    assert state["progress"]["epoch"] == 1
+    assert not (saved / "train.lock").exists()
+
+    resumed = run_cli([*args, "trainer.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = torch.load(saved / "last.pt", weights_only=True)
+    assert last["epoch"] == 2
+    epochs = [row["epoch"] for row in _rows(tmp_path / "result" / "stopped")]
+    assert epochs == ["1", "2"]
+
+
+def test_multirun_gives_each_job_its_own_run(tmp_path):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=100, n_val=10)
+    args = overrides(corpus, tmp_path, "sweep", "trainer.max_epochs=1", "optim.lr=1e-3,2e-3")
+    result = run_cli(["-m", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in (0, 1):
+        assert (tmp_path / "saved" / f"sweep-{job}" / "last.pt").is_file()
+        assert (tmp_path / "result" / f"sweep-{job}" / "metrics.csv").is_file()
+        assert (tmp_path / "result" / f"sweep-{job}" / "train.log").is_file()
+    lrs = {
+        torch.load(tmp_path / "saved" / f"sweep-{job}" / "last.pt", weights_only=True)["config"][
+            "optim"
+        ]["lr"]
+        for job in (0, 1)
+    }
+    assert lrs == {1e-3, 2e-3}

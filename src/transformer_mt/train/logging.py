@@ -21,15 +21,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 METRIC_COLUMNS = (
-    "epoch",
-    "step",
-    "train_loss",
-    "val_loss",
-    "val_ppl",
-    "val_bleu",
-    "lr",
-    "tokens_per_s",
-    "epoch_seconds",
+    "epoch",  # epochs completed (a run stopped by max_steps logs its unfinished epoch's number)
+    "step",  # optimizer steps so far
+    "train_loss",  # the training objective per target token (label-smoothed when configured)
+    "val_loss",  # plain cross-entropy per target token, teacher forced
+    "val_ppl",  # exp(val_loss)
+    "val_bleu",  # corpus sacreBLEU of decoding the whole validation split
+    "lr",  # learning rate of the next step (after any plateau decrease)
+    "tokens_per_s",  # target tokens per second of training, all processes together
+    "epoch_seconds",  # wall-clock of the epoch: training and validation
 )
 
 

@@ -64,31 +64,25 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     divergence) and TrainingInterrupted after saving on SIGINT / SIGTERM.
     """
     info, device = dist.init_distributed(cfg.trainer.device)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(dist.shutdown_distributed)
         if not info.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         # Under torchrun each process resolved the timestamp in the default run name on its own.
         cfg = dataclasses.replace(cfg, run_name=dist.broadcast_object(cfg.run_name, info))
         paths = RunPaths.create(cfg.run_name, cfg.saved_dir, cfg.result_dir)
         lock = dist.run_on_main(info, lambda: open_run(paths, cfg.trainer.resume))
-        try:
-            logs = (
-                log_file(paths.result / "train.log") if info.is_main else contextlib.nullcontext()
-            )
-            with logs:
-                _warn_if_slow(cfg, device)
-                data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data))
-                if data is None:  # the other ranks load the cache rank 0 has just prepared
-                    data = load_or_prepare(cfg.data)
-                trainer = Trainer(cfg, data, paths, info, device)
-                if cfg.trainer.resume:
-                    trainer.load(paths.last)
-                return trainer.fit()
-        finally:
-            if lock is not None:
-                lock.release()
-    finally:
-        dist.shutdown_distributed()
+        if info.is_main:
+            cleanup.callback(lock.release)
+            cleanup.enter_context(log_file(paths.result / "train.log"))
+            _warn_if_slow(cfg, device)
+        data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data))
+        if data is None:  # the other ranks load the cache rank 0 has just prepared
+            data = load_or_prepare(cfg.data)
+        trainer = Trainer(cfg, data, paths, info, device)
+        if cfg.trainer.resume:
+            trainer.load(paths.last)
+        return trainer.fit()
 
 
 def _warn_if_slow(cfg: TrainConfig, device: torch.device) -> None:
@@ -169,7 +163,6 @@ class Trainer:
         self.epoch_meter = _Meter()  # since the start of the epoch
         self.grad_norm = torch.zeros((), device=device)
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.skipped_steps = 0
 
     def _wrap(self, model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module]:
         """(the DDP wrapper or None, the module the training step calls)."""
@@ -290,7 +283,6 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if tc.skip_nonfinite and not torch.isfinite(grad_norm):  # a host sync, only when asked
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
             log.warning("step %d: non-finite loss or gradient, batch skipped", step)
             return
         bad = ~torch.isfinite(grad_norm) & (self.first_bad_step < 0)

@@ -6,7 +6,7 @@
 
 Sentences longer than the model can take are truncated, with a warning on stderr: a Transformer
 reads at most `model.max_positions` source tokens (its final EOS included), so only the first
-`max_positions - 1` words are translated; outputs are likewise capped at `max_positions - 1` tokens.
+`max_positions - 1` tokens are translated; outputs are likewise capped at `max_positions - 1` tokens.
 """
 
 from __future__ import annotations
@@ -84,8 +84,12 @@ def decode_ids(
 
     Sentences are decoded longest first in batches of `decode_cfg.batch_size`, which keeps padding
     small; an empty source gives one empty hypothesis without running the model. The model is put
-    in eval mode for the search and back in its previous mode afterwards.
+    in eval mode for the search and back in its previous mode afterwards; a DistributedDataParallel
+    or torch.compile wrapper is looked through (decoding calls encode/decode directly).
     """
+    from transformer_mt.train.checkpoint import unwrap_model
+
+    model = unwrap_model(model)
     limit = max_source_tokens(model)
     results: list[list[Hypothesis]] = [[Hypothesis([], 0.0)] for _ in sources]
     order = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))
@@ -130,8 +134,9 @@ def translate_ids(
 def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator[Any]:
     """Open `path` for writing through a temp file beside it, renamed into place on success.
 
-    If the block raises (or the process dies), the temp file is removed and `path` keeps its old
-    content or stays absent: a reader never sees half a file. Text is UTF-8 with "\\n" line ends.
+    If the block raises, the temp file is removed and `path` keeps its old content or stays absent
+    (if the process dies, a hidden temp file may stay, but `path` is never half written).
+    Text is UTF-8 with "\\n" line ends.
     """
     path = Path(path)
     try:

@@ -48,6 +48,14 @@ def _metric_rows(folder, run):
     return [{k: v for k, v in row.items() if k not in timing} for row in rows]
 
 
+def _tensorboard_val_steps(folder, run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "result" / run))
+    events.Reload()
+    return [event.step for event in events.Scalars("val/bleu")]
+
+
 def _assert_same_weights(path_a, path_b):
     a, b = model_weights(path_a), model_weights(path_b)
     assert a.keys() == b.keys()
@@ -69,6 +77,9 @@ def test_resume_after_an_epoch_gives_the_same_weights(root, reference_run):
         torch.testing.assert_close(value, state_b["optimizer"]["state"][0][key], atol=1e-6, rtol=0)
     assert state_a["progress"]["step"] == state_b["progress"]["step"]
     assert _metric_rows(folder, "straight") == _metric_rows(folder, "in-two-parts")
+    assert _tensorboard_val_steps(folder, "in-two-parts") == _tensorboard_val_steps(
+        folder, "straight"
+    )
 
 
 def test_resume_in_the_middle_of_an_epoch_gives_the_same_weights(root, reference_run, monkeypatch):

@@ -56,8 +56,9 @@ class RunLogger:
 
         from torch.utils.tensorboard import SummaryWriter
 
+        # TensorBoard hides the points an interrupted session logged after the checkpoint's step.
         self.writer = SummaryWriter(
-            log_dir=str(folder), purge_step=start_step if start_step > 0 else None
+            log_dir=str(folder), purge_step=start_step + 1 if start_step > 0 else None
         )
 
     def train_point(self, step: int, scalars: dict[str, float]) -> None:

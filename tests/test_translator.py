@@ -133,10 +133,15 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
     prepare(data)
     prepared = load_prepared(data)
     train = prepared.splits["train"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread(); session fixtures are set up before it
     start = time.perf_counter()
-    model = train_toy_model(
-        train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
-    )
+    try:
+        model = train_toy_model(
+            train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
+        )
+    finally:
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     checkpoint = root / "saved" / "toy-run" / "best.pt"
     payload = {

@@ -19,6 +19,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 METRIC_COLUMNS = (
     "epoch",  # epochs completed (a run stopped by max_steps logs its unfinished epoch's number)
@@ -130,7 +131,7 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
     loss_ax, bleu_ax = figure.subplots(1, 2)
-    for key, label in (("train_loss", "train (label-smoothed)"), ("val_loss", "validation")):
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         loss_ax.plot(epochs, [_nan(row[key]) for row in rows], marker="o", label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss per target token", title="Loss")
     loss_ax.legend()
@@ -138,6 +139,7 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
     bleu_ax.set(xlabel="epoch", ylabel="BLEU", title="Validation BLEU")
     for ax in (loss_ax, bleu_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     tmp = path.with_name(f".{path.name}.tmp")
     figure.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, path)

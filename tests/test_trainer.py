@@ -38,14 +38,25 @@ def args_for(corpus, root, run_name, *extra):
 
 
 def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Call the `mt-train` entry point with `args`; return (exit status, stderr)."""
+    """Call the `mt-train` entry point with `args`; return (exit status, stderr).
+
+    Hydra configures the root logger for its job; the previous handlers come back afterwards.
+    """
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     with OneThread():
         try:
             train_cli.main()
             code = 0
         except SystemExit as exit_:
             code = exit_.code
+        finally:
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
     return code, capsys.readouterr().err
 
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -558,6 +559,7 @@ class Trainer:
             "rng": rng_state(self.device),
             "epoch_loss_sum": float(meter.loss_sum),
             "epoch_tokens": meter.tokens,
+            "epoch_seconds": time.perf_counter() - meter.started,
         }
         return dist.gather_objects(local, self.info)
 
@@ -570,8 +572,6 @@ class Trainer:
         raise self._interrupted()
 
     def _interrupted(self) -> TrainingInterrupted:
-        import signal
-
         signum = self.stop.signum or signal.SIGTERM  # another rank may have received it
         p = self.progress
         message = (
@@ -610,7 +610,9 @@ class Trainer:
             mine = ranks[self.info.rank]
             set_rng_state(mine["rng"], self.device)
             self.epoch_meter = _Meter(
-                torch.tensor(mine["epoch_loss_sum"], device=self.device), mine["epoch_tokens"]
+                torch.tensor(mine["epoch_loss_sum"], device=self.device),
+                mine["epoch_tokens"],
+                started=time.perf_counter() - mine["epoch_seconds"],
             )
         elif p.batches_in_epoch:
             p.batches_in_epoch = p.batches_in_epoch * state["world_size"] // self.info.world_size

@@ -4,11 +4,17 @@ One training step = forward, cross-entropy ignoring padding, backward, Adam step
 the same token embeddings, positional encoding and (tied) output projection around their layer
 stacks, the same initial seed and the same synthetic batches: Multi30k-like sentence lengths
 (about 12-16 tokens, right-padded, bucketed so that a batch holds sentences of similar length)
-and a token budget per batch, as the real batcher builds them. Timed windows alternate
-(ours, torch, ours, torch, ...) and the median of the windows is reported, because the machine may
-be shared. Throughput is target tokens (not padding) per second.
+and a token budget per batch, as the real batcher builds them. Throughput is target tokens (not
+padding) per second.
 
-    python scripts/bench_train.py --models small,base --device cpu --max-tokens 4096 --steps 10
+The machine may be shared, so timing is paired: the timed steps are cut into windows of
+`--window` steps (default 1 on CPU, 10 on CUDA, where each window ends with a device sync), and
+each window runs on ours, then on torch (A, B, A, B, ...) with the same batches. Reported are the
+median tokens/s of each model over its windows and the median of the per-window ratios
+ours/torch; on CPU also tokens per CPU second (process time), which time-slicing by other jobs
+does not dilute.
+
+    python scripts/bench_train.py --models small,base --device cpu --max-tokens 4096 --steps 12
 
 On CUDA the steps run under bf16 autocast and the script also prints achieved TFLOP/s and model
 FLOPs utilisation (MFU) against the H100 SXM bf16 dense peak (989 TFLOP/s). Model FLOPs of a batch:
@@ -226,19 +232,19 @@ def bench_preset(
     name: str, cfg: ModelConfig, args: argparse.Namespace, device: torch.device
 ) -> dict[str, float]:
     batches = [b.to(device) for b in synthetic_batches(args.steps, args.max_tokens, args.seed)]
+    windows = [batches[i : i + args.window] for i in range(0, len(batches), args.window)]
     torch.manual_seed(args.seed)
     ours = Trainee("ours", build_model(cfg, SRC_VOCAB, TGT_VOCAB), device)
     torch.manual_seed(args.seed)
     reference = Trainee("torch", TorchTransformer(cfg, SRC_VOCAB, TGT_VOCAB), device)
     n_params = sum(p.numel() for p in ours.model.parameters())
     n_params_ref = sum(p.numel() for p in reference.model.parameters())
-    tokens = sum(b.tgt_tokens for b in batches)
-    flops = sum(model_flops(ours.model, b) for b in batches)
     print(
         f"\n[{name}] D={cfg.d_model} layers={cfg.enc_layers}+{cfg.dec_layers} heads={cfg.n_heads} "
         f"d_ff={cfg.d_ff}; parameters ours {n_params:,}, torch {n_params_ref:,}; "
-        f"{len(batches)} batches, {sum(b.src.size(0) for b in batches)} sentences, "
-        f"{tokens} target tokens per window"
+        f"{len(batches)} timed steps in {len(windows)} windows, "
+        f"{sum(b.src.size(0) for b in batches) / len(batches):.0f} sentences and "
+        f"{sum(b.tgt_tokens for b in batches) / len(batches):.0f} target tokens per batch"
     )
 
     for trainee in (ours, reference):
@@ -248,33 +254,41 @@ def bench_preset(
         for trainee in (ours, reference):
             profile(trainee, batches[: min(3, len(batches))])
 
-    wall: dict[str, list[float]] = {"ours": [], "torch": []}
-    cpu: dict[str, list[float]] = {"ours": [], "torch": []}
-    for round_ in range(args.rounds):
+    rate: dict[str, list[float]] = {"ours": [], "torch": []}  # tokens per wall-clock second
+    cpu_rate: dict[str, list[float]] = {"ours": [], "torch": []}  # tokens per CPU second
+    flop_rate: dict[str, list[float]] = {"ours": [], "torch": []}
+    for i, window in enumerate(windows):
+        tokens = sum(b.tgt_tokens for b in window)
+        flops = sum(model_flops(ours.model, b) for b in window)
         for trainee in (ours, reference):
-            wall_s, cpu_s = trainee.timed_window(batches)
-            wall[trainee.name].append(wall_s)
-            cpu[trainee.name].append(cpu_s)
-            print(
-                f"  round {round_ + 1} {trainee.name:5s} {tokens / wall_s:10.0f} tokens/s "
-                f"({tokens / cpu_s:.0f} per CPU second)"
-            )
+            wall_s, cpu_s = trainee.timed_window(window)
+            rate[trainee.name].append(tokens / wall_s)
+            cpu_rate[trainee.name].append(tokens / cpu_s)
+            flop_rate[trainee.name].append(flops / wall_s)
+        print(
+            f"  window {i + 1:2d}  ours {rate['ours'][-1]:9.0f}  torch {rate['torch'][-1]:9.0f} "
+            f"tokens/s  ratio {rate['ours'][-1] / rate['torch'][-1]:.3f}"
+        )
 
-    result = {}
+    result = {label: statistics.median(rate[label]) for label in rate}
     for label in ("ours", "torch"):
-        median = statistics.median(wall[label])
-        result[label] = tokens / median
-        result[f"{label}_cpu"] = tokens / statistics.median(cpu[label])
         line = f"  median {label:5s} {result[label]:10.0f} tokens/s"
         if device.type == "cuda":
-            achieved = flops / median
+            achieved = statistics.median(flop_rate[label])
             line += f"  {achieved / 1e12:7.1f} TFLOP/s  MFU {achieved / H100_BF16_PEAK_FLOPS:6.1%}"
         else:
-            line += f" ({result[f'{label}_cpu']:.0f} per CPU second)"
+            line += f"  ({statistics.median(cpu_rate[label]):.0f} per CPU second)"
         print(line)
-    result["ratio"] = result["ours"] / result["torch"]
-    result["ratio_cpu"] = result["ours_cpu"] / result["torch_cpu"]
-    print(f"  ratio ours/torch {result['ratio']:.3f} (per CPU second {result['ratio_cpu']:.3f})")
+    result["ratio"] = statistics.median(
+        o / t for o, t in zip(rate["ours"], rate["torch"], strict=True)
+    )
+    result["ratio_cpu"] = statistics.median(
+        o / t for o, t in zip(cpu_rate["ours"], cpu_rate["torch"], strict=True)
+    )
+    print(
+        f"  ours/torch: median ratio {result['ratio']:.3f} "
+        f"(per CPU second {result['ratio_cpu']:.3f})"
+    )
     return result
 
 
@@ -312,20 +326,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per timed window")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps per model")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="timed windows per model (alternating)"
+        "--window", type=int, default=0, help="steps per timed window (0: 1 on CPU, 10 on CUDA)"
     )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     args = parser.parse_args(argv)
-    for key in ("max_tokens", "steps", "rounds"):
+    for key in ("max_tokens", "steps"):
         if getattr(args, key) <= 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0")
-    if args.warmup < 0 or args.threads < 0:
-        parser.error("--warmup and --threads must be >= 0")
+    if args.warmup < 0 or args.threads < 0 or args.window < 0:
+        parser.error("--warmup, --window and --threads must be >= 0")
+    if args.window == 0:
+        args.window = 10 if args.device == "cuda" else 1
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here; use --device cpu")
     return args
@@ -346,10 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"bench_train: torch {torch.__version__}, {where}, commit {_commit()}, "
         f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}; "
-        f"max_tokens={args.max_tokens} steps={args.steps} warmup={args.warmup} rounds={args.rounds}"
+        f"max_tokens={args.max_tokens} steps={args.steps} window={args.window} warmup={args.warmup}"
     )
     results = {name: bench_preset(name, cfg, args, device) for name, cfg in presets.items()}
-    print("\nmodel   ours tok/s   torch tok/s   ours/torch   (per CPU second)")
+    print(
+        "\nmodel   ours tok/s   torch tok/s   ours/torch (median of window ratios; per CPU second)"
+    )
     for name, r in results.items():
         print(
             f"{name:6s} {r['ours']:11.0f} {r['torch']:13.0f} {r['ratio']:12.3f}   ({r['ratio_cpu']:.3f})"

@@ -8,7 +8,10 @@ Two paths compute it behind one interface and agree to float32 rounding:
   memory-efficient, or the fused CPU kernel). Decoder self-attention over a whole target passes
   `is_causal=True` and no mask at all, which keeps the flash kernel eligible (it refuses masks);
 - the explicit path writes the formula out and is the one that can return the attention weights
-  (`attention_weights`, used for plots). Which path runs is `ModelConfig.fast_attention`.
+  (`attention_weights`, used for plots).
+
+Which path runs is `ModelConfig.fast_attention`; asking for the weights (the modules' `weights()`)
+always takes the explicit path.
 
 Masks (see the package docstring): `key_pad_mask` (B, Tk) is True at padded keys, which get -inf
 before the softmax and so exactly zero weight; `causal=True` lets query i see keys up to its own

@@ -22,6 +22,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(cfg: ModelConfig = RNN, seed: int = 0) -> RNNSeq2Seq:
     torch.manual_seed(seed)
     return build_model(cfg, SRC_VOCAB, TGT_VOCAB).eval()

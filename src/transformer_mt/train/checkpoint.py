@@ -130,9 +130,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail, pickled_object = _unpickling_detail(err)
+        if not pickled_object:
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (truncated or corrupt: {detail[:160]})"
+            ) from err
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-data checkpoint ({first[:160]})"
+            f"refusing to load {path}: it is not a plain-data checkpoint ({detail[:160]})"
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise CheckpointError(
@@ -146,6 +150,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"this version reads format {CHECKPOINT_FORMAT}"
         )
     return payload
+
+
+def _unpickling_detail(err: pickle.UnpicklingError) -> tuple[str, bool]:
+    """(the line of torch's weights-only refusal that says what was refused, whether it refused a
+    pickled object rather than bytes that are no pickle at all). Its first lines are a generic
+    paragraph about the `weights_only` default."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line:
+            return line.removeprefix("WeightsUnpickler error: "), True
+    for line in lines:
+        if line.startswith("Unsupported operand"):
+            return line, False
+    return (lines[0] if lines else type(err).__name__), True
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

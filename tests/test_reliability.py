@@ -1,0 +1,410 @@
+"""Reliability and security: killed runs, poisoned or foreign checkpoints, hostile input, bad config.
+
+The cases of the reliability checklist and where each is tested:
+
+    case                                                  test
+    ----------------------------------------------------  ------------------------------------------
+    SIGKILL during a step / validation / checkpoint        here: test_sigkill_at_five_points_...
+      write / after the rename / during the epoch copy
+    Ctrl-C saves last.pt, resume continues                test_train_e2e: test_ctrl_c_saves_...
+    disk full while writing a checkpoint                  test_trainer: test_full_disk_stops_...
+                                                          test_checkpoint: test_failed_write_keeps_...
+    unwritable saved/                                     test_trainer: test_unwritable_saved_dir_...
+    restarting a finished run without resume              test_trainer: test_existing_run_is_never_...
+    the same run started twice (lock file)                test_trainer: test_second_run_on_the_same_...
+                                                          test_trainer: test_lock_is_exclusive_...
+    missing / truncated / not-a-checkpoint file           test_translate_cli: test_bad_checkpoints_...
+                                                          test_checkpoint: test_load_refuses_...
+    random bytes, another vocabulary, another shape       here: test_foreign_checkpoints_are_...
+    a pickle that runs code on load                       here: test_a_poisoned_pickle_is_refused_...
+    empty / whitespace / 10,000-character lines,          here: test_hostile_stdin_lines_...
+      control characters, mixed scripts and emoji,        test_translate_cli: test_stdin_keeps_order_...
+      invalid UTF-8 on stdin
+    100,000-line stdin stream in bounded memory           here: test_a_100000_line_stream_...
+    config: unknown key, wrong type, zero / negative      here: test_config_errors_name_the_key_...
+      sizes, d_model % heads, language pair               test_prepare_cli: test_config_errors_...
+    corpus: BOM, CRLF, last line without newline          test_corpus: test_bom_crlf_and_a_last_line_...
+    corpus: duplicate pairs (kept), lines > max_len       test_dataset: test_custom_training_pairs_...
+      (filtered and counted)                              test_prepare_cli: test_whitespace_lines_...
+    NaN / inf loss: stop or skip, last good checkpoint    test_trainer: test_nan_loss_stops_...,
+                                                          test_skip_nonfinite_skips_the_batch_...
+    bf16 autocast and float32 give the same greedy output here: test_bf16_autocast_and_float32_...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import run_main as run_train
+from test_translate_cli import run_main as run_translate
+from test_translator import ToyRun, toy_run, toy_sentence
+from train_support import REPO, overrides, subprocess_env, write_reversal_corpus
+
+from transformer_mt.cli import evaluate as evaluate_cli
+from transformer_mt.config import DecodeConfig
+from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+from transformer_mt.train.rundir import LOCK_NAME
+from transformer_mt.translator import Translator
+
+KILL_HARNESS = REPO / "tests" / "kill_harness.py"
+TRANSLATE_SCRIPT = REPO / "scripts" / "translate.py"
+STREAM_LINES = 100_000
+# Peak resident memory allowed for translating the 100,000-line stream (torch and spaCy alone take
+# about 300 MB on their own); measured: 306 MB (docs/benchmarks.md, "Reliability").
+STREAM_PEAK_RSS_MB = 500
+# What the 100,000-line stream may take beyond a 1,000-line one: its input alone is about 2 MB of bytes,
+# and holding its lines, token ids and translations as Python objects would take several times more.
+STREAM_GROWTH_MB = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
+    return toy_run(tmp_path_factory)
+
+
+def _one_line_error(err: str, *fragments: str) -> str:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------
+# SIGKILL at named points: last.pt is always the previous good file or the new one
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _train_until_killed(point: str, nth: int, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(KILL_HARNESS), point, str(nth), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_path):
+    """One run of 4 epochs (4 steps each), killed five times and resumed after every kill.
+
+    Each row: where the process dies, and whether last.pt must then be the file it had before
+    ("old") or the checkpoint of the epoch being finished ("new", epoch given).
+    """
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=20)
+    args = overrides(corpus, tmp_path, "killed", "trainer.max_epochs=4", "trainer.keep_last=2")
+    saved = tmp_path / "saved" / "killed"
+    last = saved / "last.pt"
+    plan = [
+        ("step", 6, 1),  # epoch 2, second step: last.pt is epoch 1's
+        ("validation", 1, "old"),  # validating epoch 2
+        ("checkpoint-write", 1, "old"),  # half of epoch 2's last.pt written
+        ("after-rename", 1, 2),  # epoch 2's last.pt in place, nothing else done
+        ("epoch-copy", 1, 3),  # epoch 3's last.pt written, epoch_3.pt being linked
+    ]
+    for number, (point, nth, expected) in enumerate(plan):
+        before = _digest(last)
+        run_args = args if number == 0 else [*args, "trainer.resume=true"]
+        killed = _train_until_killed(point, nth, run_args)
+        assert killed.returncode == -9, f"{point}: {killed.stderr[-3000:]}"
+        checkpoint = load_checkpoint(last)  # weights_only=True: a whole, plain-data file
+        assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+        if expected == "old":
+            assert _digest(last) == before, point
+        else:
+            assert _digest(last) != before, point
+            assert checkpoint["epoch"] == expected, point
+            assert checkpoint["step"] == 4 * expected, point
+        assert (saved / LOCK_NAME).exists()  # the dead process's lock: the next run takes it over
+        if point == "checkpoint-write":  # the half-written file is a temp file beside last.pt
+            partial = [p for p in saved.iterdir() if p.name.startswith(".last.pt.")]
+            assert partial and partial[0].stat().st_size < last.stat().st_size
+
+    finished = _train_until_killed("none", 0, [*args, "trainer.resume=true"])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    log = (tmp_path / "result" / "killed" / "train.log").read_text()
+    assert "continuing from epoch 3, step 12" in log
+    assert "training stopped: reached trainer.max_epochs=4" in log
+    final = load_checkpoint(last)
+    assert (final["epoch"], final["step"]) == (4, 16)
+    # epoch_2.pt and epoch_3.pt were never completed (kills 4 and 5): the newest two that were are kept.
+    assert [p.name for p in sorted(saved.glob("epoch_*.pt"))] == ["epoch_1.pt", "epoch_4.pt"]
+    assert load_checkpoint(saved / "best.pt")["step"] > 0
+    assert not (saved / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints that must not be loaded
+
+
+class RunsCode:
+    """Unpickling this object runs a shell command (the classic pickle attack)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _poisoned(path: Path, marker: Path, zip_format: bool) -> Path:
+    payload = {"format_version": 1, "model": {}, "exploit": RunsCode(f"touch {marker}")}
+    if zip_format:
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    return path
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch-save", "raw-pickle"])
+def test_a_poisoned_pickle_is_refused_and_its_payload_never_runs(
+    toy, tmp_path, monkeypatch, capsys, zip_format
+):
+    # The payload is real: an unrestricted load of the same kind of file does run it.
+    control = tmp_path / "control-ran"
+    source = _poisoned(tmp_path / "control.pt", control, zip_format)
+    if zip_format:
+        torch.load(source, weights_only=False)
+    else:
+        pickle.loads(source.read_bytes())
+    assert control.exists()
+
+    marker = tmp_path / "payload-ran"
+    evil = _poisoned(tmp_path / "evil.pt", marker, zip_format)
+    code, out, err = run_translate(capsys, str(evil), "Zwei.")
+    assert code == 2 and out == ""
+    _one_line_error(err, f"refusing to load {evil}", "not a plain-data checkpoint", "posix.system")
+
+    monkeypatch.setattr(sys, "argv", ["mt-evaluate", f"checkpoint={evil}", "split=test"])
+    with pytest.raises(SystemExit) as stopped:
+        evaluate_cli.main()
+    assert stopped.value.code == 2
+    _one_line_error(capsys.readouterr().err, f"refusing to load {evil}")
+
+    # Resuming a run reads last.pt through the same loader.
+    with pytest.raises(Exception, match="refusing to load"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def _foreign_checkpoint(toy: ToyRun, path: Path, problem: str) -> Path:
+    if problem == "random-bytes":
+        path.write_bytes(os.urandom(50_000))
+        return path
+    if problem == "zip-of-random-bytes":  # looks like a torch file at first glance
+        good = toy.checkpoint.read_bytes()
+        path.write_bytes(good[:64] + os.urandom(len(good) - 64))
+        return path
+    payload = load_checkpoint(toy.checkpoint)
+    if problem == "other-vocabulary":
+        payload["src_vocab"] = [*payload["src_vocab"], "extra", "words"]
+    elif problem == "other-shape":
+        payload["model_config"]["n_heads"] = 8
+        payload["model_config"]["d_ff"] = 128
+    elif problem == "weights-of-another-model":
+        payload["model"] = {name: t[..., :1] for name, t in payload["model"].items()}
+    return save_checkpoint(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("random-bytes", "is not a readable checkpoint"),
+        ("zip-of-random-bytes", "is not a readable checkpoint"),
+        ("other-vocabulary", "does not hold a usable model"),
+        ("other-shape", "does not hold a usable model"),
+        ("weights-of-another-model", "does not hold a usable model"),
+    ],
+)
+def test_foreign_checkpoints_are_one_line_errors_naming_the_file(
+    toy, tmp_path, capsys, problem, message
+):
+    checkpoint = _foreign_checkpoint(toy, tmp_path / f"{problem}.pt", problem)
+    output = tmp_path / "out.txt"
+    code, out, err = run_translate(capsys, str(checkpoint), "--output", str(output), "Zwei.")
+    assert code == 2 and out == ""
+    _one_line_error(err, str(checkpoint), message)
+    assert not output.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile translation input
+
+
+def _translate_stdin(checkpoint: Path, stdin: bytes, *options: str) -> tuple[int, str, str]:
+    """Run scripts/translate.py on `stdin`: (exit status, stdout, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(TRANSLATE_SCRIPT), str(checkpoint), *options],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    out, err = proc.communicate(stdin, timeout=300)
+    return proc.returncode, out.decode("utf-8"), err.decode("utf-8", "replace")
+
+
+def test_hostile_stdin_lines_are_translated_one_for_one_without_stopping(toy):
+    lines = [
+        b"",
+        b"   \t  ",
+        b"Zwei drei.",
+        " ".join(["vier"] * 2500).encode(),  # 10,000 characters of words
+        b"x" * 10_000,  # one 10,000-character token
+        b"Eins\x00zwei\x07drei\x1b[31m vier\x7f.",  # control characters
+        "Zwei 二 два اثنان 🐍🚀 drei.".encode(),  # mixed scripts and emoji
+        b"\xc3\x28 f\xfcnf \xed\xa0\x80 \xf0\x28\x8c\x28.",  # invalid UTF-8 sequences
+        "\u200f\u202eZwei\u2028drei\ufeff.".encode(),  # bidi controls, line separator, BOM
+        b"Acht.",
+    ]
+    code, out, err = _translate_stdin(toy.checkpoint, b"\n".join(lines) + b"\n", "--beam", "1")
+    assert code == 0, err
+    assert "Traceback" not in err
+    translations = out.split("\n")
+    assert translations[-1] == ""
+    translations = translations[:-1]
+    assert len(translations) == len(lines), out  # one output line per input line, in order
+    assert translations[0] == "" and translations[1] == ""
+    assert translations[2] == "Two three."
+    assert translations[3].startswith("four four")
+    assert translations[-1] == "Eight."
+    assert "longer than the model reads" in err
+
+
+# Runs a script as __main__ and, on exit, writes its peak resident memory (VmHWM, KiB) to a file.
+# VmHWM belongs to the process's own address space since exec; getrusage's ru_maxrss would also
+# count the memory of the (forked) test process.
+PEAK_RSS_WRAPPER = """
+import atexit, runpy, sys
+report, sys.argv = sys.argv[1], sys.argv[2:]
+def write_peak():
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(report, "w") as out:
+        out.write(peak)
+atexit.register(write_peak)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _peak_rss_kib(script_args: list[str], stdin_lines: int, report: Path) -> tuple[int, int, int]:
+    """Run a script fed `stdin_lines` generated lines; (exit status, output lines, peak RSS KiB).
+
+    The lines are written by this process while the child runs, so the child sees a real stream.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEAK_RSS_WRAPPER, str(report), *script_args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+    )
+    rng = random.Random(7)
+
+    def feed() -> None:
+        for start in range(0, stdin_lines, 1000):
+            block = "".join(
+                f"{toy_sentence(rng, 4)[0]}\n" for _ in range(min(1000, stdin_lines - start))
+            )
+            proc.stdin.write(block.encode("utf-8"))
+        proc.stdin.close()
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    count = sum(1 for _ in proc.stdout)
+    writer.join()
+    proc.stdout.close()
+    code = proc.wait(timeout=300)
+    return code, count, int(report.read_text())
+
+
+def test_a_100000_line_stream_is_translated_in_bounded_memory(toy, tmp_path):
+    """Peak RSS of 100,000 lines is that of 1,000 lines plus a little: nothing grows with the input."""
+    command = [
+        str(TRANSLATE_SCRIPT),
+        str(toy.checkpoint),
+        *("--beam", "1", "--batch-size", "256", "--device", "cpu"),
+    ]
+    code, count, small_kib = _peak_rss_kib(command, 1000, tmp_path / "small")
+    assert (code, count) == (0, 1000)
+    started = time.perf_counter()
+    code, count, peak_kib = _peak_rss_kib(command, STREAM_LINES, tmp_path / "large")
+    seconds = time.perf_counter() - started
+    assert (code, count) == (0, STREAM_LINES)
+    small_mb, peak_mb = small_kib / 1024, peak_kib / 1024
+    print(
+        f"\n1,000 lines: peak RSS {small_mb:.0f} MB; 100,000 lines: {peak_mb:.0f} MB, {seconds:.1f} s"
+    )
+    assert peak_mb < STREAM_PEAK_RSS_MB
+    assert peak_mb - small_mb < STREAM_GROWTH_MB
+
+
+# ------------------------------------------------------------------------------------------
+# Config errors, through the training entry point, before any work
+
+
+@pytest.fixture(scope="module")
+def config_corpus(tmp_path_factory):
+    return write_reversal_corpus(tmp_path_factory.mktemp("corpus"), n_train=20, n_val=5)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.d_model=0", "model.d_model must be > 0"),
+        ("data.max_tokens=-1", "data.max_tokens must be > 0"),
+        ("model.d_model=30", "model.d_model=30 is not divisible by model.n_heads"),
+        ("model.d_modle=32", "d_modle"),  # unknown key
+        ("trainer.max_epochs=three", "max_epochs"),  # wrong type
+        ("data.src=qq", "'qq'"),  # a language no tokenizer (and no corpus) has
+        ("data.name=multi30k data.tgt=xx", "data.tgt"),  # a pair Multi30k does not have
+    ],
+)
+def test_config_errors_name_the_key_and_do_no_work(
+    config_corpus, tmp_path, monkeypatch, capsys, override, key
+):
+    args = overrides(config_corpus, tmp_path, "bad", *override.split())
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code != 0
+    assert key in err
+    assert "Traceback" not in err
+    saved = tmp_path / "saved"
+    assert not saved.exists() or not any(p.is_file() for p in saved.rglob("*"))
+    assert not (tmp_path / "data" / "cache").exists()  # nothing prepared
+
+
+# ------------------------------------------------------------------------------------------
+# Numerics
+
+
+def test_bf16_autocast_and_float32_give_the_same_greedy_output(toy):
+    translator = Translator.from_checkpoint(toy.checkpoint, "cpu", DecodeConfig(beam_size=1))
+    lines = toy.test_src.read_text(encoding="utf-8").splitlines()
+    float32 = translator.translate(lines)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bfloat16 = translator.translate(lines)
+    assert float32 == bfloat16
+    reference = toy.test_ref.read_text(encoding="utf-8").splitlines()
+    assert sum(a == b for a, b in zip(float32, reference, strict=True)) > 0.9 * len(lines)

@@ -17,6 +17,7 @@ The cases of the reliability checklist and where each is tested:
                                                           test_checkpoint: test_load_refuses_...
     random bytes, another vocabulary, another shape       here: test_foreign_checkpoints_are_...
     a pickle that runs code on load                       here: test_a_poisoned_pickle_is_refused_...
+    the same, as last.pt of a resumed run                 here: test_resuming_from_a_bad_last_...
     empty / whitespace / 10,000-character lines,          here: test_hostile_stdin_lines_...
       control characters, mixed scripts and emoji,        test_translate_cli: test_stdin_keeps_order_...
       invalid UTF-8 on stdin
@@ -48,12 +49,20 @@ import torch
 from test_trainer import run_main as run_train
 from test_translate_cli import run_main as run_translate
 from test_translator import ToyRun, toy_run, toy_sentence
-from train_support import REPO, overrides, subprocess_env, write_reversal_corpus
+from train_support import (
+    REPO,
+    OneThread,
+    compose_config,
+    overrides,
+    subprocess_env,
+    write_reversal_corpus,
+)
 
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.config import DecodeConfig
 from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
 from transformer_mt.train.rundir import LOCK_NAME
+from transformer_mt.train.trainer import train
 from transformer_mt.translator import Translator
 
 KILL_HARNESS = REPO / "tests" / "kill_harness.py"
@@ -203,9 +212,6 @@ def test_a_poisoned_pickle_is_refused_and_its_payload_never_runs(
     assert stopped.value.code == 2
     _one_line_error(capsys.readouterr().err, f"refusing to load {evil}")
 
-    # Resuming a run reads last.pt through the same loader.
-    with pytest.raises(Exception, match="refusing to load"):
-        load_checkpoint(evil)
     assert not marker.exists()
 
 
@@ -247,6 +253,54 @@ def test_foreign_checkpoints_are_one_line_errors_naming_the_file(
     assert code == 2 and out == ""
     _one_line_error(err, str(checkpoint), message)
     assert not output.exists()
+
+
+@pytest.fixture(scope="module")
+def one_step_run(config_corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """(the shared prepared-data folder, last.pt of a one-step run on `config_corpus`)."""
+    root = tmp_path_factory.mktemp("one-step")
+    with OneThread():
+        train(compose_config(overrides(config_corpus, root, "one", "trainer.max_steps=1")))
+    return root / "data", root / "saved" / "one" / "last.pt"
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("poisoned", "refusing to load"),
+        ("random-bytes", "is not a readable checkpoint"),
+        ("other-model", "was trained with other model settings"),
+        ("other-vocabulary", "was trained on other vocabularies"),
+    ],
+)
+def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys, problem, message
+):
+    data_root, good = one_step_run
+    saved = tmp_path / "saved" / "resumed"
+    saved.mkdir(parents=True)
+    last, marker = saved / "last.pt", tmp_path / "payload-ran"
+    if problem == "poisoned":
+        _poisoned(last, marker, zip_format=True)
+    elif problem == "random-bytes":
+        last.write_bytes(os.urandom(50_000))
+    else:
+        payload = load_checkpoint(good)
+        if problem == "other-model":
+            payload["model_config"]["d_ff"] *= 2
+        else:
+            payload["src_vocab"] = [*payload["src_vocab"], "extra"]
+        save_checkpoint(payload, last)
+    before = last.read_bytes()
+    args = overrides(config_corpus, tmp_path, "resumed", "trainer.resume=true", data_root=data_root)
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(last) in errors[0] and message in errors[0], err
+    assert "Traceback" not in err
+    assert last.read_bytes() == before
+    assert not marker.exists()
+    assert not (tmp_path / "result" / "resumed" / "metrics.csv").exists()  # it trained nothing
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,5 +460,8 @@ def test_bf16_autocast_and_float32_give_the_same_greedy_output(toy):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bfloat16 = translator.translate(lines)
     assert float32 == bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the model really computed in bf16
+        logits = translator.model(torch.tensor([[4, 5, 3]]), torch.tensor([[2, 4]]))
+    assert logits.dtype == torch.bfloat16
     reference = toy.test_ref.read_text(encoding="utf-8").splitlines()
     assert sum(a == b for a, b in zip(float32, reference, strict=True)) > 0.9 * len(lines)

@@ -95,6 +95,7 @@ def test_resume_in_the_middle_of_an_epoch_gives_the_same_weights(root, reference
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step_then_ctrl_c)
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, default otherwise
     with OneThread(), pytest.raises(TrainingInterrupted) as stopped:
         train(compose_config(args))
     assert stopped.value.exit_code == 130
@@ -104,7 +105,7 @@ def test_resume_in_the_middle_of_an_epoch_gives_the_same_weights(root, reference
     assert (progress["epoch"], progress["step"]) == (1, stop_at)
     assert 0 < progress["batches_in_epoch"] < steps_per_epoch
     assert not (saved / "train.lock").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", original_step)
     with OneThread():

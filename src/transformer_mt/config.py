@@ -47,7 +47,8 @@ class DataConfig:
     src: str = "de"
     tgt: str = "en"
     root: str = "data"  # downloads go to <root>/multi30k, prepared caches to <root>/cache
-    mirror: str | None = None  # directory or base URL replacing the download source (env MT_DATA_MIRROR)
+    # A directory or base URL that replaces the download source (or env MT_DATA_MIRROR).
+    mirror: str | None = None
     # Custom corpus: [source_file, target_file] per split (name=custom only).
     train: list[str] | None = None
     valid: list[str] | None = None
@@ -97,9 +98,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     pre_norm: bool = False  # False = post-norm, as in "Attention Is All You Need"
     tie_output: bool = True  # decoder input embedding = output projection weights
-    share_embeddings: bool = False  # source and target share one embedding (needs data.shared_vocab)
+    share_embeddings: bool = False  # one embedding for both sides (needs data.shared_vocab)
     max_positions: int = 1024  # longest sequence the positional table holds
-    fast_attention: bool = True  # scaled_dot_product_attention kernel; False = explicit softmax(QK^T)V
+    fast_attention: bool = True  # SDPA kernel; False = explicit softmax(QK^T)V
     input_feeding: bool = False  # rnn only: feed the previous attentional output into the next step
 
     def __post_init__(self) -> None:
@@ -163,7 +164,7 @@ class TrainerConfig:
     patience: int = 6  # early stopping: epochs without improvement of `monitor`; 0 disables
     monitor: str = "val_bleu"  # val_bleu (higher is better) or val_loss (lower is better)
     keep_last: int = 5  # epoch_<n>.pt files kept
-    average_last: int = 0  # at the end, average the last k epoch checkpoints into averaged.pt (0 = off)
+    average_last: int = 0  # at the end, average the last k epoch_<n>.pt into averaged.pt; 0 = off
     resume: bool = False  # continue run `run_name` from saved/<run_name>/last.pt
     accumulate: int = 1  # gradient accumulation: optimizer step every N batches
     compile: bool = False  # torch.compile the model

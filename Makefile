@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU build these machines carry; a GPU machine may bring its own.
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,sweep]"
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,8 +21,13 @@ setup: $(STAMP)
 data: setup
 	$(PY) scripts/prepare_data.py $(filter data.%,$(ARGS))
 
-train: data
-	$(PY) scripts/train.py $(ARGS)
+# The preset for this machine: experiment=gpu where CUDA is available, else experiment=cpu
+# (configs/experiment/). Override with `make train EXPERIMENT=...`. Training prepares the data
+# on first use, with the preset's vocabulary settings.
+EXPERIMENT ?= $(shell $(PY) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+
+train: setup
+	$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -260,3 +260,16 @@ def test_unknown_token_is_not_banned() -> None:
     assert greedy_search(FakeModel(likes_unk), sources(3), 10, 1.0) == [[UNK]]
     [[best]] = beam_search(FakeModel(likes_unk), sources(3), 2, 0.6, 10, 1.0)
     assert best == Hypothesis([UNK], pytest.approx(math.log(0.81) / gnmt_penalty(2, 0.6)))
+
+
+def test_ban_unk_takes_the_best_other_token() -> None:
+    """Subword vocabularies never train on UNK: with `ban_unk` the search passes over it."""
+
+    def likes_unk(source, prefix):
+        return {UNK: 0.9, B: 0.06} if not prefix else {EOS: 0.9}
+
+    model = FakeModel(likes_unk)
+    assert greedy_search(model, sources(3), 10, 1.0, ban_unk=True) == [[B]]
+    hyps = beam_search(model, sources(3), 2, 0.6, 10, 1.0, nbest=2, ban_unk=True)
+    assert all(UNK not in h.tokens for h in hyps[0])
+    assert hyps[0][0].tokens == [B]

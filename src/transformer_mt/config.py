@@ -20,6 +20,8 @@ from transformer_mt.errors import ConfigError
 
 # Languages of Multi30k Task 1. A custom corpus may use any language spaCy has a blank pipeline for.
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
+VOCAB_KINDS = ("word", "bpe", "unigram")
+MIN_SUBWORD_VOCAB = 16  # the 4 specials and room for some characters
 
 
 def _positive(name: str, value: float | None, allow_none: bool = False) -> None:
@@ -54,9 +56,16 @@ class DataConfig:
     valid: list[str] | None = None
     test: list[str] | None = None
     lowercase: bool = False
-    min_freq: int = 2
-    max_size: int | None = None  # largest vocabulary, specials included; None = no limit
-    shared_vocab: bool = False  # one vocabulary for both sides (needed for model.share_embeddings)
+    # word: spaCy tokens are the vocabulary; bpe / unigram: a SentencePiece model trained on the
+    # training split's spaCy tokens splits them further into subword pieces (no <unk> for input
+    # made of characters seen in training).
+    vocab: str = "word"
+    vocab_size: int = 8000  # bpe / unigram: pieces per model, specials included
+    min_freq: int = 2  # word only
+    max_size: int | None = None  # word only: largest vocabulary, specials included; None = no limit
+    # One vocabulary for both sides (needed for model.share_embeddings); with bpe / unigram, one
+    # subword model trained on both sides (joint), else one per side.
+    shared_vocab: bool = False
     max_len: int = 100  # training pairs longer than this (tokens, either side) are filtered out
     max_tokens: int = 4096  # padded tokens of one batch (longer side); per process under torchrun
     limit_train: int | None = None  # keep only the first N training pairs (quick runs)
@@ -76,6 +85,14 @@ class DataConfig:
                         f"data.{key}={lang!r} is not a Multi30k language "
                         f"(choose from {', '.join(MULTI30K_LANGS)}, or use data=custom)"
                     )
+        if self.vocab not in VOCAB_KINDS:
+            raise ConfigError(
+                f"data.vocab must be one of {', '.join(VOCAB_KINDS)} (got {self.vocab!r})"
+            )
+        if self.vocab_size < MIN_SUBWORD_VOCAB:
+            raise ConfigError(
+                f"data.vocab_size must be >= {MIN_SUBWORD_VOCAB} (got {self.vocab_size})"
+            )
         _positive("data.min_freq", self.min_freq)
         _positive("data.max_size", self.max_size, allow_none=True)
         _positive("data.max_len", self.max_len)
@@ -100,7 +117,9 @@ class ModelConfig:
     tie_output: bool = True  # decoder input embedding = output projection weights
     share_embeddings: bool = False  # one embedding for both sides (needs data.shared_vocab)
     max_positions: int = 1024  # longest sequence the positional table holds
-    fast_attention: bool = True  # SDPA kernel; False = explicit softmax(QK^T)V
+    # True: the SDPA kernel; False: explicit softmax(QK^T)V; None: per device, the faster one
+    # as scripts/bench_train.py measures it (SDPA on CUDA, explicit on the CPU).
+    fast_attention: bool | None = None
     input_feeding: bool = False  # rnn only: feed the previous attentional output into the next step
 
     def __post_init__(self) -> None:
@@ -168,7 +187,9 @@ class TrainerConfig:
     resume: bool = False  # continue run `run_name` from saved/<run_name>/last.pt
     accumulate: int = 1  # gradient accumulation: optimizer step every N batches
     compile: bool = False  # torch.compile the model
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # bf16 autocast. None: on wherever the device computes bf16 natively (CUDA; a CPU with
+    # AVX512-BF16 or AMX), off elsewhere. True on a CPU without bf16 support is an error.
+    amp: bool | None = None
     log_every: int = 50  # steps between TensorBoard train/* points
     num_samples: int = 3  # sample translations shown per epoch
     skip_nonfinite: bool = False  # on a NaN/inf loss: False = stop the run, True = skip the batch

@@ -15,8 +15,10 @@ Conventions shared by both searches:
   source tokens as fed to the encoder (its final EOS included). An output holds at most `max_len`
   tokens: a hypothesis that reaches it without choosing EOS is ended there, with the log-probability of
   EOS after its last token added to its score (as if the model had been made to say EOS).
-- PAD and BOS are never generated. UNK is *not* banned: a model that predicts it gets `<unk>` in its
-  output, which shows the user where its vocabulary fell short instead of hiding it behind a worse word.
+- PAD and BOS are never generated. With a word vocabulary UNK is *not* banned: a model that predicts
+  it gets `<unk>` in its output, which shows the user where its vocabulary fell short instead of
+  hiding it behind a worse word. With subwords (`ban_unk=True`) UNK is never a training target, so
+  it is never generated either: any word can be spelled in pieces.
 - `use_cache=False` feeds the whole prefix to the decoder at every step instead of one token (O(t^2)
   work instead of O(t)); it exists to check and to measure the cache, and gives the same result.
 
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from transformer_mt.data.vocab import BOS, EOS, PAD
+from transformer_mt.data.vocab import BOS, EOS, PAD, UNK
 
 NEG_INF = float("-inf")
 
@@ -77,10 +79,11 @@ class _Decoder:
     reorders) rows, so finished rows leave the batch and beams follow their parents.
     """
 
-    def __init__(self, model: Any, enc: Any, use_cache: bool) -> None:
+    def __init__(self, model: Any, enc: Any, use_cache: bool, ban_unk: bool = False) -> None:
         self.model = model
         self.enc = enc
         self.cache = model.init_cache(enc) if use_cache else None
+        self.banned = [PAD, BOS, UNK] if ban_unk else [PAD, BOS]
 
     def log_probs(self, prefix: Tensor) -> Tensor:
         """Log-probabilities of the next token. Shape: prefix (N,t) starting with BOS → (N,V)."""
@@ -89,8 +92,7 @@ class _Decoder:
         else:
             logits = self.model.decode(prefix[:, -1:], self.enc, self.cache)[:, -1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        log_probs[:, PAD] = NEG_INF
-        log_probs[:, BOS] = NEG_INF
+        log_probs[:, self.banned] = NEG_INF
         return log_probs
 
     def keep(self, rows: Tensor, batch_changed: bool = True) -> None:
@@ -120,6 +122,7 @@ def greedy_search(
     max_len_b: float,
     use_cache: bool = True,
     max_len_limit: int | None = None,
+    ban_unk: bool = False,
 ) -> list[list[int]]:
     """The most probable next token at every step, for a batch of sentences.
 
@@ -129,6 +132,7 @@ def greedy_search(
         max_len_a, max_len_b: output length limit `max_len_a + max_len_b * source_length`.
         use_cache: False recomputes the whole prefix each step (same output, slower).
         max_len_limit: a hard cap on the output length (the model's positional table, for example).
+        ban_unk: never generate UNK (subword vocabularies).
 
     Returns:
         B lists of token ids, without BOS and EOS, in the order of `src`.
@@ -141,7 +145,7 @@ def greedy_search(
     enc = model.encode(src)
     if len(rows) < len(max_lens):
         enc = enc.index_select(_index(rows, src))
-    decoder = _Decoder(model, enc, use_cache)
+    decoder = _Decoder(model, enc, use_cache, ban_unk)
     prefix = torch.full((len(rows), 1), BOS, dtype=torch.long, device=src.device)
     while rows:
         next_tokens = decoder.log_probs(prefix).argmax(dim=-1)
@@ -262,6 +266,7 @@ def beam_search(
     nbest: int = 1,
     use_cache: bool = True,
     max_len_limit: int | None = None,
+    ban_unk: bool = False,
 ) -> list[list[Hypothesis]]:
     """Batched beam search (see the module docstring for the exact rules).
 
@@ -274,6 +279,7 @@ def beam_search(
         nbest: hypotheses returned per sentence (at most `beam_size`).
         use_cache: False recomputes the whole prefix each step (same output, slower).
         max_len_limit: a hard cap on the output length (the model's positional table, for example).
+        ban_unk: never generate UNK (subword vocabularies).
 
     Returns:
         For each sentence, in the order of `src`, up to `nbest` hypotheses sorted by score, best
@@ -284,7 +290,7 @@ def beam_search(
     finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
     beams = _start_beams(batch_size, beam_size, src.device)
     expand = torch.arange(batch_size, device=src.device).repeat_interleave(beam_size)
-    decoder = _Decoder(model, model.encode(src).index_select(expand), use_cache)
+    decoder = _Decoder(model, model.encode(src).index_select(expand), use_cache, ban_unk)
     step = 0  # tokens in every live prefix, BOS not counted
     while beams.sentences:
         log_probs = decoder.log_probs(beams.prefix)
@@ -314,13 +320,16 @@ def search(
     cfg: Any,
     use_cache: bool = True,
     max_len_limit: int | None = None,
+    ban_unk: bool = False,
 ) -> list[list[Hypothesis]]:
     """Decode with a `DecodeConfig`: greedy when beam_size is 1, beam search otherwise.
 
     Greedy hypotheses carry the score 0.0 (greedy search does not rank alternatives).
     """
     if cfg.beam_size == 1:
-        outputs = greedy_search(model, src, cfg.max_len_a, cfg.max_len_b, use_cache, max_len_limit)
+        outputs = greedy_search(
+            model, src, cfg.max_len_a, cfg.max_len_b, use_cache, max_len_limit, ban_unk
+        )
         return [[Hypothesis(tokens, 0.0)] for tokens in outputs]
     return beam_search(
         model,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from transformer_mt.config import DecodeConfig, ModelConfig, to_dataclass
+from transformer_mt.data.subword import Subword, subwords_from_state
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
 from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
 from transformer_mt.decode import Hypothesis, search
@@ -79,6 +80,7 @@ def decode_ids(
     sources: Sequence[Sequence[int]],
     decode_cfg: DecodeConfig,
     device: torch.device | str,
+    ban_unk: bool = False,
 ) -> list[list[Hypothesis]]:
     """Search every source sentence (ids without specials); n-best lists in input order.
 
@@ -86,6 +88,7 @@ def decode_ids(
     small; an empty source gives one empty hypothesis without running the model. The model is put
     in eval mode for the search and back in its previous mode afterwards; a DistributedDataParallel
     or torch.compile wrapper is looked through (decoding calls encode/decode directly).
+    `ban_unk` keeps UNK out of the output (subword vocabularies never train on it).
     """
     from transformer_mt.train.checkpoint import unwrap_model
 
@@ -101,7 +104,9 @@ def decode_ids(
             src = pad_batch([fit_source(sources[i], limit) for i in rows], torch.device(device))
             out_limit = None if limit is None else limit - 1
             for i, hyps in zip(
-                rows, search(model, src, decode_cfg, max_len_limit=out_limit), strict=True
+                rows,
+                search(model, src, decode_cfg, max_len_limit=out_limit, ban_unk=ban_unk),
+                strict=True,
             ):
                 results[i] = hyps
     finally:
@@ -124,9 +129,10 @@ def translate_ids(
 ) -> list[str]:
     """Best translation of each source (token ids without BOS/EOS), detokenized, in input order.
 
-    The routine validation, evaluate and translate share (see `decode_ids` for batching).
+    The routine validation, evaluate and translate share (see `decode_ids` for batching). With a
+    subword detokenizer, UNK is never generated.
     """
-    nbest = decode_ids(model, sources, decode_cfg, device)
+    nbest = decode_ids(model, sources, decode_cfg, device, detokenizer.subword is not None)
     return [ids_to_text(hyps[0].tokens, tgt_vocab, detokenizer) for hyps in nbest]
 
 
@@ -189,6 +195,8 @@ class Translator:
         decode_cfg: DecodeConfig,
         device: torch.device,
         train_config: dict[str, Any] | None = None,
+        src_subword: Subword | None = None,
+        tgt_subword: Subword | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.src_vocab = src_vocab
@@ -199,7 +207,9 @@ class Translator:
         self.decode_cfg = decode_cfg
         self.device = device
         self.train_config = train_config or {}  # the resolved config of the run that trained it
-        self.detokenizer = Detokenizer(tgt_lang)
+        self.src_subword = src_subword  # None for a word-level model
+        self.tgt_subword = tgt_subword
+        self.detokenizer = Detokenizer(tgt_lang, tgt_subword)
         self._tokenizer: Tokenizer | None = None  # spaCy loads on first use only
 
     @classmethod
@@ -233,6 +243,7 @@ class Translator:
             tokenizer = payload["tokenizer"]
             src_lang, tgt_lang = tokenizer["src_lang"], tokenizer["tgt_lang"]
             lowercase = bool(tokenizer["lowercase"])
+            src_subword, tgt_subword = subwords_from_state(tokenizer.get("subword"))
         except (ConfigError, ValueError, RuntimeError, KeyError, TypeError) as err:
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
             raise CheckpointError(f"{path} does not hold a usable model ({first})") from None
@@ -249,12 +260,18 @@ class Translator:
             decode_cfg,
             resolve_device(device),
             payload.get("config"),
+            src_subword,
+            tgt_subword,
         )
+
+    @property
+    def ban_unk(self) -> bool:
+        return self.tgt_subword is not None
 
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.src_lang, self.lowercase)
+            self._tokenizer = Tokenizer(self.src_lang, self.lowercase, self.src_subword)
         return self._tokenizer
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
@@ -277,7 +294,9 @@ class Translator:
         The score is the hypothesis' log-probability divided by the GNMT length penalty (higher is
         better; 0.0 under greedy search, which does not score alternatives).
         """
-        nbest = decode_ids(self.model, self.encode(lines), self.decode_cfg, self.device)
+        nbest = decode_ids(
+            self.model, self.encode(lines), self.decode_cfg, self.device, self.ban_unk
+        )
         return [
             [(ids_to_text(h.tokens, self.tgt_vocab, self.detokenizer), h.score) for h in hyps]
             for hyps in nbest
@@ -287,7 +306,9 @@ class Translator:
     def attention(self, line: str) -> AttentionMap:
         """Translate one sentence and return the cross-attention behind its best translation."""
         src_ids = fit_source(self.encode([line])[0], max_source_tokens(self.model))
-        best = decode_ids(self.model, [src_ids[:-1]], self.decode_cfg, self.device)[0][0]
+        best = decode_ids(self.model, [src_ids[:-1]], self.decode_cfg, self.device, self.ban_unk)[
+            0
+        ][0]
         src = pad_batch([src_ids], self.device)
         tgt_in = pad_batch([[BOS, *best.tokens]], self.device)
         weights = self.model.cross_attention(src, tgt_in)[0]  # (T, S)

@@ -90,9 +90,10 @@ def split_test_set(data_cfg: DataConfig, split: str, translator: Translator) -> 
         log.info("no prepared data (%s): tokenizing the raw %s files", err, split)
     else:
         data = prepared.splits.get(split)
-        same_vocab = (prepared.src_vocab, prepared.tgt_vocab) == (
+        same_vocab = (prepared.src_vocab, prepared.tgt_vocab, prepared.src_subword) == (
             translator.src_vocab,
             translator.tgt_vocab,
+            translator.src_subword,
         )
         if data is not None and data.ref_text is not None and same_vocab:
             return TestSet(split, data.ref_text, source_ids=data.src)

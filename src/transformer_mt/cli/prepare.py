@@ -37,11 +37,13 @@ def summary(data: PreparedData, cfg: DataConfig) -> str:
                 f"data.max_len={cfg.max_len} tokens)"
             )
         lines.append(line)
+    unit = "tokens" if cfg.vocab == "word" else f"{cfg.vocab} pieces"
     if cfg.shared_vocab:
-        lines.append(f"vocabulary (shared): {len(data.src_vocab)} tokens")
+        lines.append(f"vocabulary (shared): {len(data.src_vocab)} {unit}")
     else:
         lines.append(
-            f"vocabulary: {cfg.src} {len(data.src_vocab)} tokens, {cfg.tgt} {len(data.tgt_vocab)} tokens"
+            f"vocabulary: {cfg.src} {len(data.src_vocab)} {unit}, "
+            f"{cfg.tgt} {len(data.tgt_vocab)} {unit}"
         )
     if cfg.limit_train is not None:
         lines.append(

@@ -4,6 +4,8 @@
 
     manifest.json        settings, raw-file SHA-256s, counts (pairs, dropped, filtered), vocabulary sizes
     src_vocab.json       list of tokens, index = id (tgt_vocab.json likewise; equal when shared)
+    src_subword.model    with data.vocab=bpe|unigram: the SentencePiece model of each side
+    tgt_subword.model    (the same bytes in both when the vocabulary is shared, i.e. joint)
     <split>.npz          src_ids / tgt_ids: all sentences' ids end to end (int32, no specials), and
                          src_offsets / tgt_offsets (int64, n + 1): sentence i is ids[offsets[i]:offsets[i+1]]
     <split>.text.json    {"src": [...], "ref": [...]}: the raw lines of every split but train
@@ -37,6 +39,7 @@ import numpy as np
 
 from transformer_mt.config import DataConfig
 from transformer_mt.data.corpus import SplitFiles, corpus_files, read_parallel
+from transformer_mt.data.subword import Subword
 from transformer_mt.data.vocab import Vocab
 from transformer_mt.errors import DataError
 
@@ -49,11 +52,15 @@ KEY_SETTINGS = (
     "src",
     "tgt",
     "lowercase",
+    "vocab",
+    "vocab_size",
     "min_freq",
     "max_size",
     "shared_vocab",
     "max_len",
 )
+WORD_ONLY = ("min_freq", "max_size")  # settings that subword vocabularies ignore, and vice versa
+SUBWORD_ONLY = ("vocab_size",)
 
 
 @dataclass
@@ -85,6 +92,8 @@ class PreparedData:
     src_vocab: Vocab
     tgt_vocab: Vocab
     splits: dict[str, SplitData] = field(default_factory=dict)
+    src_subword: Subword | None = None  # data.vocab=bpe|unigram: the pieces' models
+    tgt_subword: Subword | None = None
 
     def split(self, name: str) -> SplitData:
         """The split called `name`; a DataError naming the prepared ones if there is none."""
@@ -109,13 +118,19 @@ def cache_key(cfg: DataConfig, files: dict[str, SplitFiles] | None = None) -> st
         files = corpus_files(cfg, fetch=False)
     spec = {
         "format_version": FORMAT_VERSION,
-        "settings": {name: getattr(cfg, name) for name in KEY_SETTINGS},
+        "settings": key_settings(cfg),
         "tokenizer": f"spacy-{_spacy_version()}",
         "files": {split: [f.src_sha256, f.tgt_sha256] for split, f in sorted(files.items())},
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{cfg.name}-{cfg.src}-{cfg.tgt}")
     return f"{readable}-{digest}"
+
+
+def key_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The `KEY_SETTINGS` of `cfg` that apply to its kind of vocabulary."""
+    ignored = SUBWORD_ONLY if cfg.vocab == "word" else WORD_ONLY
+    return {name: getattr(cfg, name) for name in KEY_SETTINGS if name not in ignored}
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -148,17 +163,17 @@ def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
         return target
     started = time.perf_counter()
     splits, counts = _tokenize(cfg, files)
-    train = splits["train"]
-    if cfg.shared_vocab:
-        both = [*train.src_tokens, *train.tgt_tokens]
-        src_vocab = tgt_vocab = Vocab.build(both, cfg.min_freq, cfg.max_size)
+    subwords = None
+    if cfg.vocab == "word":
+        src_vocab, tgt_vocab = _word_vocabs(cfg, splits["train"])
     else:
-        src_vocab = Vocab.build(train.src_tokens, cfg.min_freq, cfg.max_size)
-        tgt_vocab = Vocab.build(train.tgt_tokens, cfg.min_freq, cfg.max_size)
+        subwords = _train_subwords(cfg, splits["train"])
+        _segment(splits, *subwords)
+        src_vocab, tgt_vocab = subwords[0].vocab(), subwords[1].vocab()
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
-        "settings": {name: getattr(cfg, name) for name in KEY_SETTINGS},
+        "settings": key_settings(cfg),
         "tokenizer": f"spacy-{_spacy_version()}",
         "files": {
             split: {
@@ -172,9 +187,50 @@ def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
         "vocab_sizes": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_cache(target, manifest, src_vocab, tgt_vocab, splits)
+    _write_cache(target, manifest, src_vocab, tgt_vocab, splits, subwords)
     log.info("prepared %s in %.1f s", target, time.perf_counter() - started)
     return target
+
+
+def _word_vocabs(cfg: DataConfig, train: _TokenizedSplit) -> tuple[Vocab, Vocab]:
+    if cfg.shared_vocab:
+        both = [*train.src_tokens, *train.tgt_tokens]
+        vocab = Vocab.build(both, cfg.min_freq, cfg.max_size)
+        return vocab, vocab
+    return (
+        Vocab.build(train.src_tokens, cfg.min_freq, cfg.max_size),
+        Vocab.build(train.tgt_tokens, cfg.min_freq, cfg.max_size),
+    )
+
+
+def _train_subwords(cfg: DataConfig, train: _TokenizedSplit) -> tuple[Subword, Subword]:
+    """SentencePiece model(s) of the training split's tokens: one joint model when shared."""
+    started = time.perf_counter()
+    if cfg.shared_vocab:
+        both = [*train.src_tokens, *train.tgt_tokens]
+        joint = Subword.train(both, cfg.vocab, cfg.vocab_size)
+        models = (joint, joint)
+    else:
+        models = (
+            Subword.train(train.src_tokens, cfg.vocab, cfg.vocab_size),
+            Subword.train(train.tgt_tokens, cfg.vocab, cfg.vocab_size),
+        )
+    sizes = str(len(models[0])) if cfg.shared_vocab else f"{len(models[0])} / {len(models[1])}"
+    log.info(
+        "trained %s %s subword model (%s pieces) in %.1f s",
+        "a joint" if cfg.shared_vocab else "a per-side",
+        cfg.vocab,
+        sizes,
+        time.perf_counter() - started,
+    )
+    return models
+
+
+def _segment(splits: dict[str, _TokenizedSplit], src: Subword, tgt: Subword) -> None:
+    """Replace every split's word tokens by their subword pieces, in place."""
+    for split in splits.values():
+        split.src_tokens = src.segment_many(split.src_tokens)
+        split.tgt_tokens = tgt.segment_many(split.tgt_tokens)
 
 
 @dataclass
@@ -236,6 +292,7 @@ def _write_cache(
     src_vocab: Vocab,
     tgt_vocab: Vocab,
     splits: dict[str, _TokenizedSplit],
+    subwords: tuple[Subword, Subword] | None,
 ) -> None:
     """Write the cache folder under a temporary name, then rename it to `target` in one step."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +300,9 @@ def _write_cache(
     try:
         _write_json(building / "src_vocab.json", src_vocab.to_list())
         _write_json(building / "tgt_vocab.json", tgt_vocab.to_list())
+        if subwords is not None:
+            (building / "src_subword.model").write_bytes(subwords[0].to_bytes())
+            (building / "tgt_subword.model").write_bytes(subwords[1].to_bytes())
         for name, split in splits.items():
             _save_ids(
                 building / f"{name}.npz",
@@ -343,7 +403,7 @@ def _existing_cache(cfg: DataConfig) -> Path | None:
 def _load(path: Path, cfg: DataConfig) -> PreparedData:
     try:
         data = _read_cache(path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(
             f"the prepared data {path} is damaged ({err}): delete that folder and prepare again"
         ) from None
@@ -368,7 +428,12 @@ def _read_cache(path: Path) -> PreparedData:
             text = json.loads(text_path.read_text(encoding="utf-8"))
             split.src_text, split.ref_text = text["src"], text["ref"]
         splits[name] = split
-    return PreparedData(path, manifest, src_vocab, tgt_vocab, splits)
+    src_subword = tgt_subword = None
+    kind = manifest["settings"].get("vocab", "word")
+    if kind != "word":
+        src_subword = Subword((path / "src_subword.model").read_bytes(), kind)
+        tgt_subword = Subword((path / "tgt_subword.model").read_bytes(), kind)
+    return PreparedData(path, manifest, src_vocab, tgt_vocab, splits, src_subword, tgt_subword)
 
 
 def _unflatten(ids: np.ndarray, offsets: np.ndarray) -> list[list[int]]:

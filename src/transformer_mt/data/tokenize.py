@@ -1,5 +1,9 @@
 """Word tokenization (spaCy blank pipelines) and its inverse for model output (sacremoses).
 
+With a subword model (data/subword.py), `Tokenizer` splits spaCy's tokens further into pieces and
+`Detokenizer` joins pieces back into tokens before detokenizing: the rest of the package sees
+"tokens" either way.
+
 spaCy's rule-based tokenizers need no model download. One convention is added on top: a hyphen
 written between two words without spaces ("T-shirt") becomes the token `@-@` (as Moses' aggressive
 hyphen splitting does), so that the detokenizer can glue it back and cased, detokenized BLEU compares
@@ -13,6 +17,7 @@ import functools
 import re
 from collections.abc import Iterable, Iterator
 
+from transformer_mt.data.subword import Subword
 from transformer_mt.errors import ConfigError
 
 JOINED_HYPHEN = "@-@"
@@ -22,20 +27,24 @@ _EN_CLITIC = re.compile(r"^n['’]t$", re.IGNORECASE)
 
 
 class Tokenizer:
-    """Split text into word tokens with `spacy.blank(lang)`, optionally lower-cased."""
+    """Split text into word tokens with `spacy.blank(lang)`, optionally lower-cased, then into
+    subword pieces if a `subword` model is given."""
 
-    def __init__(self, lang: str, lowercase: bool = False) -> None:
+    def __init__(self, lang: str, lowercase: bool = False, subword: Subword | None = None) -> None:
         self.lang = lang
         self.lowercase = lowercase
+        self.subword = subword
         self._spacy_tokenizer = _blank_pipeline(lang).tokenizer
 
     def tokenize(self, text: str) -> list[str]:
-        return self._tokens(self._spacy_tokenizer(text))
+        tokens = self._tokens(self._spacy_tokenizer(text))
+        return tokens if self.subword is None else self.subword.segment(tokens)
 
     def pipe(self, texts: Iterable[str], batch_size: int = PIPE_BATCH_SIZE) -> Iterator[list[str]]:
         """Tokenize many texts (faster than calling `tokenize` in a loop)."""
         for doc in self._spacy_tokenizer.pipe(texts, batch_size=batch_size):
-            yield self._tokens(doc)
+            tokens = self._tokens(doc)
+            yield tokens if self.subword is None else self.subword.segment(tokens)
 
     def _tokens(self, doc) -> list[str]:
         tokens = []
@@ -57,15 +66,21 @@ class Tokenizer:
 
 
 class Detokenizer:
-    """Turn output tokens back into text: Moses detokenization plus the `@-@` and clitic rules."""
+    """Turn output tokens back into text: Moses detokenization plus the `@-@` and clitic rules.
 
-    def __init__(self, lang: str) -> None:
+    With a `subword` model the input is pieces, joined back into tokens first.
+    """
+
+    def __init__(self, lang: str, subword: Subword | None = None) -> None:
         from sacremoses import MosesDetokenizer
 
         self.lang = lang
+        self.subword = subword
         self._moses = MosesDetokenizer(lang=lang)
 
     def detokenize(self, tokens: list[str]) -> str:
+        if self.subword is not None:
+            tokens = self.subword.join(tokens)
         words: list[str] = []
         glue_next = False
         for token in tokens:

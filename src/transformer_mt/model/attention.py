@@ -10,8 +10,10 @@ Two paths compute it behind one interface and agree to float32 rounding:
 - the explicit path writes the formula out and is the one that can return the attention weights
   (`attention_weights`, used for plots).
 
-Which path runs is `ModelConfig.fast_attention`; asking for the weights (the modules' `weights()`)
-always takes the explicit path.
+Which path runs is `ModelConfig.fast_attention`: True or False pick one, None picks per device
+what `scripts/bench_train.py` measures faster: SDPA on CUDA, the explicit path on the CPU (at
+Multi30k lengths its plain matmuls beat the CPU SDPA kernel, in fp32 and even more under bf16).
+Asking for the weights (the modules' `weights()`) always takes the explicit path.
 
 Masks (see the package docstring): `key_pad_mask` (B, Tk) is True at padded keys, which get -inf
 before the softmax and so exactly zero weight; `causal=True` lets query i see keys up to its own
@@ -74,16 +76,19 @@ def scaled_dot_product_attention(
     key_pad_mask: Tensor | None = None,
     causal: bool = False,
     dropout_p: float = 0.0,
-    fast: bool = True,
+    fast: bool | None = True,
 ) -> Tensor:
     """softmax(Q Kᵀ / √Dh) V on the SDPA kernel (`fast`) or written out (explicit path).
 
-    `dropout_p` drops attention weights; pass 0 outside training.
+    `fast=None` takes SDPA on CUDA and the explicit path elsewhere. `dropout_p` drops attention
+    weights; pass 0 outside training.
 
     Shape:
         q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); key_pad_mask: (B, Tk) bool, True = pad.
         output: (B, H, Tq, Dh).
     """
+    if fast is None:
+        fast = q.is_cuda
     if not fast:
         weights = attention_weights(q, k, key_pad_mask, causal)
         return F.dropout(weights, dropout_p) @ v
@@ -103,7 +108,7 @@ class MultiHeadAttention(nn.Module):
     Subclasses project the inputs to queries, keys and values.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fast: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fast: bool | None = True):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -148,7 +153,7 @@ class SelfAttention(MultiHeadAttention):
     queries attend over every position decoded so far at O(t) cost per step.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fast: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fast: bool | None = True):
         super().__init__(d_model, n_heads, dropout, fast)
         self.qkv_proj = nn.Linear(d_model, 3 * d_model)
         self._init_projections(self.qkv_proj)
@@ -188,7 +193,7 @@ class CrossAttention(MultiHeadAttention):
     With a `LayerCache`, the memory's keys and values are computed on the first step and reused.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fast: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, fast: bool | None = True):
         super().__init__(d_model, n_heads, dropout, fast)
         self.q_proj = nn.Linear(d_model, d_model)
         self.kv_proj = nn.Linear(d_model, 2 * d_model)

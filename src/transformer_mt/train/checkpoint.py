@@ -11,7 +11,10 @@ Keys (format 1):
     config          the resolved training config (nested plain dict)
     src_vocab       list[str], index = token id
     tgt_vocab       list[str]
-    tokenizer       {"src_lang": str, "tgt_lang": str, "lowercase": bool}
+    tokenizer       {"src_lang": str, "tgt_lang": str, "lowercase": bool, "subword": ...}
+                    where "subword" is None (word level; also when the key is absent, as in
+                    checkpoints written before subwords existed) or {"kind": "bpe" | "unigram",
+                    "src": bytes, "tgt": bytes}, the SentencePiece models of both sides
     epoch, step     ints: epochs and optimizer steps completed
     metrics         dict[str, float]: the last validation metrics
     train_state     dict (only in last.pt / epoch_<n>.pt): optimizer, scheduler, scaler,

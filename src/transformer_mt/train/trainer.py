@@ -29,9 +29,10 @@ from tqdm import tqdm
 from transformer_mt.config import ModelConfig, TrainConfig, to_dataclass
 from transformer_mt.data.batching import Batch, PairDataset, TokenBucketSampler, collate
 from transformer_mt.data.dataset import PreparedData, load_or_prepare
+from transformer_mt.data.subword import subword_state
 from transformer_mt.data.tokenize import Detokenizer
 from transformer_mt.data.vocab import BOS, EOS
-from transformer_mt.errors import CheckpointError, UserError
+from transformer_mt.errors import CheckpointError, ConfigError, UserError
 from transformer_mt.metrics import corpus_bleu
 from transformer_mt.model import build_model
 from transformer_mt.train import distributed as dist
@@ -95,6 +96,33 @@ def _warn_if_slow(cfg: TrainConfig, device: torch.device) -> None:
         )
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): autocast pays off there."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def use_amp(requested: bool | None, device: torch.device) -> bool:
+    """Resolve `trainer.amp`: None = bf16 autocast wherever the device computes bf16 natively.
+
+    Raises ConfigError when bf16 is asked for on a CPU without native support (it would be
+    emulated, several times slower than float32).
+    """
+    if device.type == "cuda":
+        return requested is not False
+    if device.type != "cpu":
+        return bool(requested)
+    supported = cpu_supports_bf16()
+    if requested and not supported:
+        raise ConfigError(
+            "trainer.amp=true, but this CPU has no native bf16 (AVX512-BF16 or AMX): "
+            "use trainer.amp=false (or leave it unset to choose automatically)"
+        )
+    return supported if requested is None else requested
+
+
 @dataclass
 class Validation:
     """What `Trainer.validate` measured: metrics, and the hypotheses in split order."""
@@ -125,6 +153,7 @@ class Trainer:
     ):
         self.cfg, self.data, self.paths, self.info, self.device = cfg, data, paths, info, device
         tc = cfg.trainer
+        self.amp = use_amp(tc.amp, device)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, len(data.src_vocab), len(data.tgt_vocab)).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
@@ -150,7 +179,7 @@ class Trainer:
             self.val.src_lengths(), self.val.tgt_lengths(), cfg.data.max_tokens, shuffle=False
         ).batches()
         self.val_decode = dataclasses.replace(cfg.decode, batch_size=tc.val_batch_size)
-        self.detokenizer = Detokenizer(cfg.data.tgt)
+        self.detokenizer = Detokenizer(cfg.data.tgt, data.tgt_subword)
         count = min(tc.num_samples, len(self.val))
         self.sample_ids = [round(i * (len(self.val) - 1) / max(count - 1, 1)) for i in range(count)]
 
@@ -303,7 +332,12 @@ class Trainer:
         return self.ddp.no_sync()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        enabled = self.cfg.trainer.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _decode_autocast(self) -> contextlib.AbstractContextManager:
+        """Validation decoding: bf16 on CUDA only. On the CPU it runs in float32, as `evaluate`
+        does, so validation BLEU is the figure evaluate reports (docs/benchmarks.md, "Presets")."""
+        enabled = self.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _log_train_point(self, bar: tqdm) -> None:
@@ -445,7 +479,10 @@ class Trainer:
         from transformer_mt.plots import plot_attention
 
         src_ids = [*self.val.src[index], EOS]
-        best = decode_ids(self.model, [self.val.src[index]], self.val_decode, self.device)[0][0]
+        ban_unk = self.data.tgt_subword is not None
+        best = decode_ids(self.model, [self.val.src[index]], self.val_decode, self.device, ban_unk)[
+            0
+        ][0]
         src = torch.tensor([src_ids], device=self.device)
         tgt_in = torch.tensor([[BOS, *best.tokens]], device=self.device)
         was_training = self.model.training
@@ -471,7 +508,8 @@ class Trainer:
 
         `val_loss` is the plain cross-entropy per target token (no label smoothing), so
         `val_ppl = exp(val_loss)`. BLEU decodes every validation sentence with the `decode`
-        settings (greedy by default), through the same code as `evaluate`.
+        settings (greedy by default), through the same code as `evaluate`. The loss runs under
+        the training autocast, decoding under `_decode_autocast`.
         """
         model = self.model if model is None else model
         was_training = model.training
@@ -484,7 +522,7 @@ class Trainer:
                 logits = model(batch.src, batch.tgt_in)
             loss_sum += token_loss_sum(logits, batch.tgt_out)
             tokens += batch.num_tgt_tokens
-        with self._autocast():
+        with self._decode_autocast():
             hypotheses = translate_ids(
                 model,
                 self.val.src,
@@ -519,6 +557,7 @@ class Trainer:
                 "src_lang": cfg.data.src,
                 "tgt_lang": cfg.data.tgt,
                 "lowercase": cfg.data.lowercase,
+                "subword": subword_state(self.data.src_subword, self.data.tgt_subword),
             },
             "epoch": p.epoch,
             "step": p.step,
@@ -688,7 +727,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         p = self.progress
         log.info(
-            "run %s: %s model (%.2fM parameters) on %s%s; %d train / %d val pairs, "
+            "run %s: %s model (%.2fM parameters) on %s%s%s; %d train / %d val pairs, "
             "%d batches per epoch per process (data.max_tokens=%d per process); "
             "checkpoints in %s, logs in %s",
             self.paths.name,
@@ -696,6 +735,7 @@ class Trainer:
             n_params / 1e6,
             self.device,
             f" x {self.info.world_size} processes" if self.info.enabled else "",
+            ", bf16 autocast" if self.amp else ", float32",
             len(self.train_set),
             len(self.val),
             len(self.sampler),

@@ -1,0 +1,106 @@
+"""Presets a user runs (configs/experiment/), bf16 on the CPU, and the Optuna search preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from train_support import compose_config, overrides, run_cli, write_reversal_corpus
+
+from transformer_mt.errors import ConfigError
+from transformer_mt.model.attention import scaled_dot_product_attention
+from transformer_mt.train import trainer as trainer_module
+from transformer_mt.train.trainer import use_amp
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_experiment_presets_set_a_whole_recipe(preset):
+    cfg = compose_config([f"experiment={preset}"])
+    assert cfg.model.name == preset
+    assert (cfg.data.vocab, cfg.data.shared_vocab, cfg.model.share_embeddings) == (
+        "bpe",
+        True,
+        True,
+    )
+    assert cfg.trainer.max_time is not None and cfg.trainer.average_last > 1
+    assert cfg.optim.warmup_steps < 1000  # warmup in steps that fit the run
+    # A user's overrides still win over the preset.
+    cfg = compose_config([f"experiment={preset}", "data.src=en", "data.tgt=de", "optim.lr=1e-4"])
+    assert (cfg.data.src, cfg.data.tgt, cfg.optim.lr) == ("en", "de", 1e-4)
+
+
+def test_cpu_preset_fits_its_time_budget():
+    cfg = compose_config(["experiment=cpu"])
+    assert cfg.trainer.max_time <= 42  # the last epoch, averaging and start-up fit in 45 minutes
+    assert cfg.trainer.amp is None and cfg.model.fast_attention is None  # chosen per machine
+
+
+def test_amp_default_follows_the_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_amp(None, cuda) and not use_amp(False, cuda)
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: True)
+    assert use_amp(None, cpu) and use_amp(True, cpu) and not use_amp(False, cpu)
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: False)
+    assert not use_amp(None, cpu) and not use_amp(False, cpu)
+    with pytest.raises(ConfigError, match="no native bf16"):
+        use_amp(True, cpu)
+
+
+def test_bf16_support_is_what_torch_reports():
+    expected = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    )
+    assert trainer_module.cpu_supports_bf16() == expected
+
+
+def test_automatic_attention_path_is_explicit_on_the_cpu(monkeypatch):
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    explicit = scaled_dot_product_attention(q, k, v, pad, fast=False)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called on the CPU")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    assert torch.equal(scaled_dot_product_attention(q, k, v, pad, fast=None), explicit)
+
+
+def test_forcing_bf16_on_a_cpu_without_it_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from test_trainer import run_main
+
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=50, n_val=5)
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: False)
+    code, err = run_main(
+        overrides(corpus, tmp_path, "amp", "trainer.amp=true"), monkeypatch, capsys
+    )
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: trainer.amp=true, but this CPU has no native bf16 (AVX512-BF16 or AMX): "
+        "use trainer.amp=false (or leave it unset to choose automatically)"
+    ]
+    assert not (tmp_path / "saved" / "amp" / "last.pt").exists()
+
+
+def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=300, n_val=20)
+    args = overrides(
+        corpus,
+        tmp_path,
+        "sweep",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "trainer.max_epochs=1",
+    )
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    best = results["best_params"]
+    assert {"optim.lr", "optim.warmup_steps", "model.dropout", "model.d_model"} <= set(best)
+    assert 2e-4 <= best["optim.lr"] <= 2e-3 and 0.1 <= best["model.dropout"] <= 0.4
+    assert 0.0 <= results["best_value"] <= 100.0
+    # Each trial is a run of its own, with its own checkpoints.
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["sweep-0", "sweep-1"]

@@ -1,0 +1,189 @@
+"""Subword vocabularies: SentencePiece on top of spaCy's tokens, in the cache and in checkpoints."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from transformer_mt.config import DataConfig
+from transformer_mt.data.dataset import cache_key, load_prepared, prepare
+from transformer_mt.data.subword import Subword, subword_state, subwords_from_state
+from transformer_mt.data.tokenize import Detokenizer, Tokenizer
+from transformer_mt.data.vocab import SPECIALS, UNK
+from transformer_mt.errors import ConfigError
+
+SENTENCES = [
+    "Ein Mann fährt Fahrrad .",
+    "Zwei Hunde spielen im Schnee .",
+    "Eine Frau liest ein Buch im Park .",
+    "Ein kleiner Hund rennt über die Wiese .",
+    "Mehrere Radfahrer fahren durch die Stadt .",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def small_model() -> Subword:
+    return Subword.train([s.split() for s in SENTENCES], "bpe", vocab_size=60)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_pieces_join_back_into_the_tokens(kind):
+    model = Subword.train([s.split() for s in SENTENCES], kind, vocab_size=60)
+    for sentence in SENTENCES[:5]:
+        tokens = sentence.split()
+        pieces = model.segment(tokens)
+        assert len(pieces) >= len(tokens)
+        assert model.join(pieces) == tokens
+    # Words never seen in training are spelled out in pieces of seen characters, never <unk>.
+    unseen = ["Radhund", "Schneefrau", "Buchpark"]
+    pieces = model.segment(unseen)
+    assert SPECIALS[UNK] not in pieces
+    assert model.join(pieces) == unseen
+
+
+def test_the_vocabulary_is_the_models_pieces_with_the_specials_first(small_model):
+    vocab = small_model.vocab()
+    assert tuple(vocab.itos[:4]) == SPECIALS
+    assert len(vocab) == len(small_model) <= 60
+    ids = vocab.encode(small_model.segment(["Ein", "Hund", "liest", "."]))
+    assert UNK not in ids
+    # A character never seen in training is the one thing that maps to <unk>.
+    assert UNK in vocab.encode(small_model.segment(["Ωmega"]))
+
+
+def test_segment_many_equals_segment_one_by_one(small_model):
+    token_lists = [s.split() for s in SENTENCES[:5]] + [[]]
+    assert small_model.segment_many(token_lists) == [small_model.segment(t) for t in token_lists]
+
+
+def test_model_bytes_rebuild_an_equal_model(small_model):
+    again = Subword(small_model.to_bytes(), "bpe")
+    assert again == small_model
+    tokens = SENTENCES[1].split()
+    assert again.segment(tokens) == small_model.segment(tokens)
+    src, tgt = subwords_from_state(subword_state(small_model, small_model))
+    assert src == tgt == small_model
+    assert subwords_from_state(None) == (None, None)
+
+
+def test_damaged_model_bytes_are_a_value_error():
+    with pytest.raises(ValueError, match="subword model is damaged"):
+        subwords_from_state({"kind": "bpe", "src": b"not a model", "tgt": b"x"})
+
+
+def test_tokenizer_and_detokenizer_go_through_the_pieces(small_model):
+    tokenizer = Tokenizer("de", subword=small_model)
+    pieces = tokenizer.tokenize("Ein Radhund fährt.")
+    assert pieces == small_model.segment(["Ein", "Radhund", "fährt", "."])
+    assert list(tokenizer.pipe(["Ein Radhund fährt."])) == [pieces]
+    assert Detokenizer("de", small_model).detokenize(pieces) == "Ein Radhund fährt."
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"vocab": "chars"}, "data.vocab must be one of word, bpe, unigram"),
+        ({"vocab_size": 3}, ">="),
+    ],
+)
+def test_bad_subword_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**override)
+
+
+# ---------------------------------------------------------------------------------------------
+# On Multi30k
+
+
+@pytest.fixture(scope="module")
+def multi30k_bpe(multi30k_mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
+    cfg = DataConfig(
+        root=str(tmp_path_factory.mktemp("data")),
+        mirror=str(multi30k_mirror),
+        vocab="bpe",
+        vocab_size=8000,
+        shared_vocab=True,
+    )
+    prepare(cfg)
+    return cfg
+
+
+def test_prepared_cache_holds_one_joint_model_and_its_vocabulary(multi30k_bpe):
+    data = load_prepared(multi30k_bpe)
+    assert data.src_subword is not None and data.src_subword == data.tgt_subword
+    assert data.src_vocab == data.tgt_vocab == data.src_subword.vocab()
+    assert len(data.src_vocab) == 8000
+    assert (data.path / "src_subword.model").is_file()
+    for split in ("train", "val", "test2016"):
+        ids = data.split(split)
+        assert not any(UNK in s for s in ids.src), split
+        assert not any(UNK in s for s in ids.tgt), split
+
+
+def test_subword_settings_have_their_own_cache_and_word_settings_ignore_vocab_size(multi30k_bpe):
+    other_size = replace(multi30k_bpe, vocab_size=4000)
+    assert cache_key(other_size) != cache_key(multi30k_bpe)
+    word = replace(multi30k_bpe, vocab="word")
+    assert cache_key(word) != cache_key(multi30k_bpe)
+    assert cache_key(replace(word, vocab_size=4000)) == cache_key(word)
+    assert cache_key(replace(multi30k_bpe, min_freq=5)) == cache_key(multi30k_bpe)
+
+
+@pytest.mark.parametrize("lang", ["de", "en"])
+def test_text_to_pieces_to_tokens_is_exact_on_the_whole_training_set(multi30k_bpe, lang):
+    """Every one of the 29,000 training sentences of each side: pieces join back to its tokens."""
+    model = load_prepared(multi30k_bpe).src_subword
+    with gzip.open(Path(multi30k_bpe.mirror) / f"train.{lang}.gz", "rt", encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
+    token_lists = list(Tokenizer(lang).pipe(lines))
+    pieces = model.segment_many(token_lists)
+    exceptions = [
+        (i, tokens)
+        for i, (tokens, p) in enumerate(zip(token_lists, pieces, strict=True))
+        if model.join(p) != tokens
+    ]
+    assert len(lines) == 29000
+    assert exceptions == []
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a subword model trains, its checkpoint carries the pieces, no <unk> comes out
+
+
+@pytest.fixture(scope="module")
+def subword_run(tmp_path_factory):
+    from train_support import overrides, run_cli, write_reversal_corpus
+
+    root = tmp_path_factory.mktemp("subword-run")
+    corpus = write_reversal_corpus(root / "corpus", n_train=1000, n_val=50)
+    args = overrides(
+        corpus,
+        root,
+        "bpe-run",
+        "data.vocab=bpe",
+        "data.vocab_size=40",
+        "data.shared_vocab=true",
+        "model.share_embeddings=true",
+        "trainer.max_epochs=3",
+    )
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def test_subword_checkpoint_translates_unseen_words_without_unk(subword_run):
+    from transformer_mt.translator import Translator
+
+    checkpoint = subword_run / "saved" / "bpe-run" / "best.pt"
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    assert translator.src_subword is not None and translator.src_subword == translator.tgt_subword
+    # Words never seen in training, made of characters that were: all in pieces, no <unk>.
+    lines = ["antbee dogcat", "kolark jaybee ibis", "fox gnu hen eel", "tac god eeb"]
+    assert not any(UNK in ids for ids in translator.encode(lines))
+    translations = translator.translate(lines)
+    assert len(translations) == len(lines)
+    assert not any("<unk>" in t for t in translations)
+    assert translator.translate(["ant bee cat"]) == ["cat bee ant"]

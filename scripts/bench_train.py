@@ -1,23 +1,40 @@
-"""Training throughput of our Transformer against torch.nn.Transformer of the same size.
+"""Training throughput of our Transformer against torch.nn.Transformer, or under four settings.
 
-One training step = forward, cross-entropy ignoring padding, backward, Adam step. Both models get
-the same token embeddings, positional encoding and (tied) output projection around their layer
+One training step = forward, cross-entropy ignoring padding, backward, Adam step. Every model gets
+the same token embeddings, positional encoding and (tied) output projection around its layer
 stacks, the same initial seed and the same synthetic batches: Multi30k-like sentence lengths
 (about 12-16 tokens, right-padded, bucketed so that a batch holds sentences of similar length)
 and a token budget per batch, as the real batcher builds them. Throughput is target tokens (not
 padding) per second.
 
+`--compare` picks what is timed against what:
+
+- `torch` (the default): ours against torch.nn.Transformer of the same size, both under bf16
+  autocast or both in float32 (`--amp` / `--no-amp`; by default as the trainer's `trainer.amp`:
+  bf16 on CUDA and on a CPU that computes bf16 natively, AVX512-BF16 or AMX).
+- `precision`: ours under four settings, fp32 + SDPA (`fast_attention=true`, no autocast: the
+  default before `fast_attention` could pick per device), fp32 + explicit softmax(QKᵀ)V,
+  bf16 autocast + SDPA and bf16 autocast + explicit; ratios are against fp32 + SDPA.
+
 The machine may be shared, so timing is paired: the timed steps are cut into windows of
 `--window` steps (default 1 on CPU, 10 on CUDA, where each window ends with a device sync), and
-each window runs on ours, then on torch (A, B, A, B, ...) with the same batches. Reported are the
-median tokens/s of each model over its windows and the median of the per-window ratios
-ours/torch; on CPU also tokens per CPU second (process time), which time-slicing by other jobs
+each window runs on every model in turn with the same batches, the order rotated by one from one
+window to the next (A B, B A, A B, ... or A B C D, B C D A, ...). Reported per model are the
+median step time and tokens/s over its windows and the median of the per-window ratios to the
+baseline; on CPU also tokens per CPU second (process time), which time-slicing by other jobs
 does not dilute.
 
     python scripts/bench_train.py --models small,base --device cpu --max-tokens 4096 --steps 12
+    python scripts/bench_train.py --compare precision --models small \\
+        --model-overrides d_ff=1024,share_embeddings=true --vocab-size 8000 --threads 2
 
-On CUDA the steps run under bf16 autocast and the script also prints achieved TFLOP/s and model
-FLOPs utilisation (MFU) against the H100 SXM bf16 dense peak (989 TFLOP/s). Model FLOPs of a batch:
+`--models` takes presets of configs/model/; `--model-overrides key=value,...` changes ModelConfig
+fields of each (checked as Hydra checks them); `--vocab-size N` gives both sides one vocabulary of
+N entries (needed for `share_embeddings=true`) instead of Multi30k-like 8,000 source and 6,000
+target words.
+
+On CUDA the script also prints achieved TFLOP/s and model FLOPs utilisation (MFU) against the
+H100 SXM bf16 dense peak (989 TFLOP/s). Model FLOPs of a batch:
 
     6 · (N_src · source tokens + N_tgt · target tokens)                  matrix multiplications
     + 12 · D · Σ_sentences (enc_layers · S² + dec_layers · (T² + T · S))  attention scores and sums
@@ -32,7 +49,7 @@ the decoder and the output projection), and S, T real (unpadded) lengths; the fa
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import random
 import statistics
 import subprocess
@@ -44,6 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from transformer_mt.cli.common import report_user_errors
@@ -53,6 +71,7 @@ from transformer_mt.errors import ConfigError
 from transformer_mt.model import Transformer, build_model
 from transformer_mt.model.base import output_projection, token_embeddings
 from transformer_mt.model.embedding import Embeddings, SinusoidalPositionalEncoding
+from transformer_mt.train.trainer import cpu_supports_bf16, use_amp
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM, dense bf16 (datasheet)
@@ -81,7 +100,9 @@ class Batch:
         )
 
 
-def synthetic_batches(n_batches: int, max_tokens: int, seed: int) -> list[Batch]:
+def synthetic_batches(
+    n_batches: int, max_tokens: int, seed: int, src_vocab: int, tgt_vocab: int
+) -> list[Batch]:
     """Batches of random sentences with Multi30k-like lengths, filling a padded token budget.
 
     Each batch takes one bucket width L (12..16 tokens); its sentences are L-3..L tokens long on
@@ -98,10 +119,10 @@ def synthetic_batches(n_batches: int, max_tokens: int, seed: int) -> list[Batch]
         src = torch.full((size, max(src_lengths)), PAD)
         tgt = torch.full((size, max(tgt_lengths) + 1), PAD)  # [BOS] y [EOS]
         for row, (s_len, t_len) in enumerate(zip(src_lengths, tgt_lengths, strict=True)):
-            src[row, : s_len - 1] = torch.randint(4, SRC_VOCAB, (s_len - 1,), generator=gen)
+            src[row, : s_len - 1] = torch.randint(4, src_vocab, (s_len - 1,), generator=gen)
             src[row, s_len - 1] = EOS
             tgt[row, 0] = BOS
-            tgt[row, 1:t_len] = torch.randint(4, TGT_VOCAB, (t_len - 1,), generator=gen)
+            tgt[row, 1:t_len] = torch.randint(4, tgt_vocab, (t_len - 1,), generator=gen)
             tgt[row, t_len] = EOS
         batches.append(Batch(src, tgt[:, :-1], tgt[:, 1:], src_lengths, tgt_lengths))
     return batches
@@ -175,18 +196,19 @@ def model_flops(model: Transformer, batch: Batch) -> float:
 
 
 class Trainee:
-    """A model with its optimizer, and one training step on a batch."""
+    """A model with its optimizer, and one training step on a batch (under bf16 autocast if `amp`)."""
 
-    def __init__(self, name: str, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, name: str, model: nn.Module, device: torch.device, amp: bool) -> None:
         self.name = name
         self.model = model.to(device).train()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-9
         )
         self.device = device
+        self.amp = amp
 
     def step(self, batch: Batch) -> Tensor:
-        with _autocast(self.device):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(batch.src, batch.tgt_in)
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), batch.tgt_out.flatten(), ignore_index=PAD
@@ -206,90 +228,174 @@ class Trainee:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def load_preset(name: str) -> ModelConfig:
-    path = ROOT / "configs" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError(f"no model preset {name!r} in configs/model/ (choose from {choices})")
-    cfg = to_dataclass(ModelConfig, OmegaConf.load(path))
-    if cfg.arch != "transformer":
-        raise ConfigError(f"preset {name!r} is not a Transformer (arch={cfg.arch}): pick another")
-    return cfg
+@dataclass
+class Setting:
+    """One way to run our model under `--compare precision`: attention path and autocast."""
+
+    name: str
+    fast_attention: bool
+    amp: bool
+
+
+# The first is the baseline: the default before fast_attention and amp could pick per device.
+PRECISION_SETTINGS = (
+    Setting("fp32+SDPA", fast_attention=True, amp=False),
+    Setting("fp32+explicit", fast_attention=False, amp=False),
+    Setting("bf16+SDPA", fast_attention=True, amp=True),
+    Setting("bf16+explicit", fast_attention=False, amp=True),
+)
+
+
+@dataclass
+class Vocab:
+    """Vocabulary sizes of the synthetic data and the models."""
+
+    src: int
+    tgt: int
+
+
+def against_torch(
+    cfg: ModelConfig, vocab: Vocab, device: torch.device, amp: bool, seed: int
+) -> list[Trainee]:
+    """torch.nn.Transformer (the baseline, first), then ours, from the same seed."""
+    torch.manual_seed(seed)
+    ours = Trainee("ours", build_model(cfg, vocab.src, vocab.tgt), device, amp)
+    torch.manual_seed(seed)
+    reference = Trainee("torch", TorchTransformer(cfg, vocab.src, vocab.tgt), device, amp)
+    return [reference, ours]
+
+
+def precision_settings(
+    cfg: ModelConfig, vocab: Vocab, device: torch.device, seed: int
+) -> list[Trainee]:
+    """Ours under each of PRECISION_SETTINGS (the baseline first), from the same seed."""
+    trainees = []
+    for setting in PRECISION_SETTINGS:
+        torch.manual_seed(seed)
+        model_cfg = dataclasses.replace(cfg, fast_attention=setting.fast_attention)
+        model = build_model(model_cfg, vocab.src, vocab.tgt)
+        trainees.append(Trainee(setting.name, model, device, setting.amp))
+    return trainees
+
+
+@dataclass
+class Timings:
+    """Per-window measurements of one trainee."""
+
+    step_ms: list[float] = dataclasses.field(default_factory=list)
+    tokens_per_s: list[float] = dataclasses.field(default_factory=list)
+    tokens_per_cpu_s: list[float] = dataclasses.field(default_factory=list)
+    flops_per_s: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    """Medians over the windows of one trainee; ratios are per-window ratios to the baseline."""
+
+    step_ms: float
+    tokens_per_s: float
+    tokens_per_cpu_s: float
+    flops_per_s: float
+    ratio: float
+    ratio_cpu: float
+
+
+def time_paired(
+    trainees: list[Trainee], windows: list[list[Batch]], flops_model: Transformer
+) -> dict[str, Timings]:
+    """Run every window on each trainee in turn, the order rotated by one per window."""
+    timings = {t.name: Timings() for t in trainees}
+    for i, window in enumerate(windows):
+        tokens = sum(b.tgt_tokens for b in window)
+        flops = sum(model_flops(flops_model, b) for b in window)
+        shift = i % len(trainees)
+        for trainee in trainees[shift:] + trainees[:shift]:
+            wall_s, cpu_s = trainee.timed_window(window)
+            t = timings[trainee.name]
+            t.step_ms.append(1000 * wall_s / len(window))
+            t.tokens_per_s.append(tokens / wall_s)
+            t.tokens_per_cpu_s.append(tokens / cpu_s)
+            t.flops_per_s.append(flops / wall_s)
+        rates = "  ".join(f"{name} {t.tokens_per_s[-1]:6.0f}" for name, t in timings.items())
+        print(f"  window {i + 1:2d}  {rates} tokens/s")
+    return timings
+
+
+def summarize(timings: dict[str, Timings], baseline: str) -> dict[str, Summary]:
+    base = timings[baseline]
+
+    def median_ratio(ours: list[float], theirs: list[float]) -> float:
+        return statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
+
+    return {
+        name: Summary(
+            step_ms=statistics.median(t.step_ms),
+            tokens_per_s=statistics.median(t.tokens_per_s),
+            tokens_per_cpu_s=statistics.median(t.tokens_per_cpu_s),
+            flops_per_s=statistics.median(t.flops_per_s),
+            ratio=median_ratio(t.tokens_per_s, base.tokens_per_s),
+            ratio_cpu=median_ratio(t.tokens_per_cpu_s, base.tokens_per_cpu_s),
+        )
+        for name, t in timings.items()
+    }
+
+
+def print_summary(summaries: dict[str, Summary], baseline: str, device: torch.device) -> None:
+    width = max(len(name) for name in summaries)
+    extra = "  TFLOP/s     MFU" if device.type == "cuda" else "  tokens/CPU s"
+    print(f"  {'':{width}s}  step ms   tokens/s{extra}   ÷ {baseline} (per CPU second)")
+    for name, s in summaries.items():
+        if device.type == "cuda":
+            extra = f"  {s.flops_per_s / 1e12:7.1f}  {s.flops_per_s / H100_BF16_PEAK_FLOPS:6.1%}"
+        else:
+            extra = f"  {s.tokens_per_cpu_s:12.0f}"
+        print(
+            f"  {name:{width}s}  {s.step_ms:7.0f}  {s.tokens_per_s:9.0f}{extra}   "
+            f"{s.ratio:6.3f} ({s.ratio_cpu:.3f})"
+        )
+    fastest = max(summaries, key=lambda name: summaries[name].ratio)
+    print(f"  fastest: {fastest}, {summaries[fastest].ratio:.3f}× {baseline} (median window ratio)")
 
 
 def bench_preset(
-    name: str, cfg: ModelConfig, args: argparse.Namespace, device: torch.device
-) -> dict[str, float]:
-    batches = [b.to(device) for b in synthetic_batches(args.steps, args.max_tokens, args.seed)]
+    name: str, cfg: ModelConfig, args: argparse.Namespace, vocab: Vocab, device: torch.device
+) -> dict[str, Summary]:
+    batches = synthetic_batches(args.steps, args.max_tokens, args.seed, vocab.src, vocab.tgt)
+    batches = [b.to(device) for b in batches]
     windows = [batches[i : i + args.window] for i in range(0, len(batches), args.window)]
-    torch.manual_seed(args.seed)
-    ours = Trainee("ours", build_model(cfg, SRC_VOCAB, TGT_VOCAB), device)
-    torch.manual_seed(args.seed)
-    reference = Trainee("torch", TorchTransformer(cfg, SRC_VOCAB, TGT_VOCAB), device)
-    n_params = sum(p.numel() for p in ours.model.parameters())
-    n_params_ref = sum(p.numel() for p in reference.model.parameters())
+    if args.compare == "torch":
+        trainees = against_torch(cfg, vocab, device, args.amp, args.seed)
+    else:
+        trainees = precision_settings(cfg, vocab, device, args.seed)
+    params = ", ".join(
+        f"{t.name} {sum(p.numel() for p in t.model.parameters()):,}" for t in trainees
+    )
     print(
         f"\n[{name}] D={cfg.d_model} layers={cfg.enc_layers}+{cfg.dec_layers} heads={cfg.n_heads} "
-        f"d_ff={cfg.d_ff}; parameters ours {n_params:,}, torch {n_params_ref:,}; "
-        f"{len(batches)} timed steps in {len(windows)} windows, "
+        f"d_ff={cfg.d_ff} share_embeddings={cfg.share_embeddings} "
+        f"fast_attention={cfg.fast_attention}; vocabularies {vocab.src:,}/{vocab.tgt:,}; "
+        f"parameters {params}; {len(batches)} timed steps in {len(windows)} windows, "
         f"{sum(b.src.size(0) for b in batches) / len(batches):.0f} sentences and "
         f"{sum(b.tgt_tokens for b in batches) / len(batches):.0f} target tokens per batch"
     )
 
-    for trainee in (ours, reference):
+    for trainee in trainees:
         for i in range(args.warmup):
             trainee.step(batches[i % len(batches)])
     if args.profile:
-        for trainee in (ours, reference):
+        for trainee in trainees:
             profile(trainee, batches[: min(3, len(batches))])
 
-    rate: dict[str, list[float]] = {"ours": [], "torch": []}  # tokens per wall-clock second
-    cpu_rate: dict[str, list[float]] = {"ours": [], "torch": []}  # tokens per CPU second
-    flop_rate: dict[str, list[float]] = {"ours": [], "torch": []}
-    for i, window in enumerate(windows):
-        tokens = sum(b.tgt_tokens for b in window)
-        flops = sum(model_flops(ours.model, b) for b in window)
-        for trainee in (ours, reference):
-            wall_s, cpu_s = trainee.timed_window(window)
-            rate[trainee.name].append(tokens / wall_s)
-            cpu_rate[trainee.name].append(tokens / cpu_s)
-            flop_rate[trainee.name].append(flops / wall_s)
-        print(
-            f"  window {i + 1:2d}  ours {rate['ours'][-1]:9.0f}  torch {rate['torch'][-1]:9.0f} "
-            f"tokens/s  ratio {rate['ours'][-1] / rate['torch'][-1]:.3f}"
-        )
-
-    result = {label: statistics.median(rate[label]) for label in rate}
-    for label in ("ours", "torch"):
-        line = f"  median {label:5s} {result[label]:10.0f} tokens/s"
-        if device.type == "cuda":
-            achieved = statistics.median(flop_rate[label])
-            line += f"  {achieved / 1e12:7.1f} TFLOP/s  MFU {achieved / H100_BF16_PEAK_FLOPS:6.1%}"
-        else:
-            line += f"  ({statistics.median(cpu_rate[label]):.0f} per CPU second)"
-        print(line)
-    result["ratio"] = statistics.median(
-        o / t for o, t in zip(rate["ours"], rate["torch"], strict=True)
-    )
-    result["ratio_cpu"] = statistics.median(
-        o / t for o, t in zip(cpu_rate["ours"], cpu_rate["torch"], strict=True)
-    )
-    print(
-        f"  ours/torch: median ratio {result['ratio']:.3f} "
-        f"(per CPU second {result['ratio_cpu']:.3f})"
-    )
-    return result
+    flops_model = next(t.model for t in trainees if isinstance(t.model, Transformer))
+    baseline = trainees[0].name
+    summaries = summarize(time_paired(trainees, windows, flops_model), baseline)
+    print_summary(summaries, baseline, device)
+    return summaries
 
 
 def profile(trainee: Trainee, batches: list[Batch]) -> None:
@@ -303,6 +409,27 @@ def profile(trainee: Trainee, batches: list[Batch]) -> None:
     sort = "cuda_time_total" if trainee.device.type == "cuda" else "self_cpu_time_total"
     print(f"\n  profile of {trainee.name} ({len(batches)} steps)")
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
+def load_model_config(name: str, overrides: list[str]) -> ModelConfig:
+    """Preset `name` of configs/model/ with `key=value` overrides, typed as Hydra types them."""
+    path = ROOT / "configs" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"no model preset {name!r} in configs/model/ (choose from {choices})")
+    try:
+        node = OmegaConf.merge(
+            OmegaConf.structured(ModelConfig),
+            OmegaConf.load(path),
+            OmegaConf.from_dotlist(overrides),
+        )
+    except OmegaConfBaseException as err:
+        first_line = str(err).splitlines()[0]
+        raise ConfigError(f"--model-overrides: {first_line} (the keys are ModelConfig's)") from None
+    cfg = to_dataclass(ModelConfig, node)
+    if cfg.arch != "transformer":
+        raise ConfigError(f"preset {name!r} is not a Transformer (arch={cfg.arch}): pick another")
+    return cfg
 
 
 def _commit() -> str:
@@ -322,9 +449,36 @@ def _commit() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
+        "--compare",
+        default="torch",
+        choices=["torch", "precision"],
+        help="torch: ours against torch.nn.Transformer; precision: ours in fp32 / bf16 autocast, "
+        "each with SDPA / explicit attention, against fp32 + SDPA",
+    )
+    parser.add_argument(
         "--models", default="small,base", help="comma-separated presets of configs/model/"
     )
+    parser.add_argument(
+        "--model-overrides",
+        default="",
+        help="comma-separated ModelConfig key=value pairs applied to every preset, "
+        "e.g. d_ff=1024,enc_layers=4,dec_layers=4,share_embeddings=true",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help=f"one vocabulary of this size for both sides (0: {SRC_VOCAB} source, "
+        f"{TGT_VOCAB} target)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--compare torch: bf16 autocast (default: as trainer.amp, on wherever the device "
+        "computes bf16 natively)",
+    )
     parser.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     parser.add_argument("--steps", type=int, default=12, help="timed training steps per model")
     parser.add_argument(
@@ -338,19 +492,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("max_tokens", "steps"):
         if getattr(args, key) <= 0:
             parser.error(f"--{key.replace('_', '-')} must be > 0")
-    if args.warmup < 0 or args.threads < 0 or args.window < 0:
-        parser.error("--warmup, --window and --threads must be >= 0")
+    if args.warmup < 0 or args.threads < 0 or args.window < 0 or args.vocab_size < 0:
+        parser.error("--warmup, --window, --threads and --vocab-size must be >= 0")
+    if 0 < args.vocab_size < 5:
+        parser.error("--vocab-size must leave room for the 4 specials and a word (>= 5)")
     if args.window == 0:
         args.window = 10 if args.device == "cuda" else 1
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.compare == "precision" and args.amp is not None:
+        parser.error("--amp is for --compare torch; --compare precision times fp32 and bf16")
+    needs_bf16 = args.amp or args.compare == "precision"
+    if args.device == "cpu" and needs_bf16 and not cpu_supports_bf16():
+        parser.error(
+            "this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 timings would measure "
+            "emulation: use --compare torch without --amp"
+        )
+    if args.compare == "torch":
+        args.amp = use_amp(args.amp, torch.device(args.device))
     return args
 
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    presets = {name: load_preset(name) for name in args.models.split(",")}
+    overrides = [pair for pair in args.model_overrides.split(",") if pair]
+    presets = {name: load_model_config(name, overrides) for name in args.models.split(",")}
+    vocab = (
+        Vocab(args.vocab_size, args.vocab_size) if args.vocab_size else Vocab(SRC_VOCAB, TGT_VOCAB)
+    )
+    if vocab.src != vocab.tgt and any(cfg.share_embeddings for cfg in presets.values()):
+        raise ConfigError("share_embeddings=true needs one vocabulary: pass --vocab-size N")
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -359,19 +531,26 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads"
     )
+    if args.compare == "precision":
+        precision = "fp32 and bf16 autocast, SDPA and explicit attention"
+    else:
+        precision = "bf16 autocast" if args.amp else "float32"
     print(
-        f"bench_train: torch {torch.__version__}, {where}, commit {_commit()}, "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}; "
-        f"max_tokens={args.max_tokens} steps={args.steps} window={args.window} warmup={args.warmup}"
+        f"bench_train --compare {args.compare}: torch {torch.__version__}, {where}, "
+        f"commit {_commit()}, {precision}; max_tokens={args.max_tokens} steps={args.steps} "
+        f"window={args.window} warmup={args.warmup}"
     )
-    results = {name: bench_preset(name, cfg, args, device) for name, cfg in presets.items()}
+    results = {name: bench_preset(name, cfg, args, vocab, device) for name, cfg in presets.items()}
+    baseline = "fp32+SDPA" if args.compare == "precision" else "torch"
     print(
-        "\nmodel   ours tok/s   torch tok/s   ours/torch (median of window ratios; per CPU second)"
+        f"\nmodel   setting          tokens/s   ÷ {baseline} (median of window ratios; per CPU s)"
     )
-    for name, r in results.items():
-        print(
-            f"{name:6s} {r['ours']:11.0f} {r['torch']:13.0f} {r['ratio']:12.3f}   ({r['ratio_cpu']:.3f})"
-        )
+    for name, summaries in results.items():
+        for setting, s in summaries.items():
+            print(
+                f"{name:7s} {setting:14s} {s.tokens_per_s:10.0f} {s.ratio:9.3f}   "
+                f"({s.ratio_cpu:.3f})"
+            )
 
 
 if __name__ == "__main__":

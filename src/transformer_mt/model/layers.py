@@ -64,7 +64,7 @@ class EncoderLayer(_ResidualLayer):
         super().__init__(cfg)
         d = cfg.d_model
         self.self_attn = SelfAttention(d, cfg.n_heads, cfg.attention_dropout, cfg.fast_attention)
-        self.ffn = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.ffn = FeedForward(d, cfg.d_ff, cfg.ffn_dropout)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
 
@@ -82,7 +82,7 @@ class DecoderLayer(_ResidualLayer):
         d = cfg.d_model
         self.self_attn = SelfAttention(d, cfg.n_heads, cfg.attention_dropout, cfg.fast_attention)
         self.cross_attn = CrossAttention(d, cfg.n_heads, cfg.attention_dropout, cfg.fast_attention)
-        self.ffn = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.ffn = FeedForward(d, cfg.d_ff, cfg.ffn_dropout)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
         self.norm3 = nn.LayerNorm(d)

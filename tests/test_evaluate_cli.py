@@ -59,7 +59,7 @@ def test_evaluate_a_split_from_the_prepared_cache(toy, tmp_path, monkeypatch, ca
     run_evaluate(monkeypatch, f"checkpoint={toy.checkpoint}", "split=test", f"result_dir={result}")
     out = capsys.readouterr().out
 
-    hyp = result / "toy-run" / "eval" / "test.beam5.hyp"
+    hyp = result / "toy-run" / "eval" / "test.best.beam5.hyp"
     report = json.loads(hyp.with_suffix(".json").read_text())
     lines = hyp.read_text(encoding="utf-8").splitlines()
     refs = toy.test_ref.read_text(encoding="utf-8").splitlines()
@@ -84,10 +84,10 @@ def test_raw_text_and_cache_give_the_same_translations(toy, tmp_path, monkeypatc
     result = tmp_path / "result"
     common = [f"checkpoint={toy.checkpoint}", "split=test", f"result_dir={result}", "decode=greedy"]
     run_evaluate(monkeypatch, *common)
-    cached = (result / "toy-run" / "eval" / "test.greedy.hyp").read_text()
+    cached = (result / "toy-run" / "eval" / "test.best.greedy.hyp").read_text()
     # No prepared cache under this root: the raw test files are tokenized instead.
     run_evaluate(monkeypatch, *common, f"data_root={tmp_path / 'elsewhere'}")
-    assert (result / "toy-run" / "eval" / "test.greedy.hyp").read_text() == cached
+    assert (result / "toy-run" / "eval" / "test.best.greedy.hyp").read_text() == cached
 
 
 def test_evaluate_a_pair_of_files(toy, tmp_path, monkeypatch) -> None:
@@ -103,7 +103,7 @@ def test_evaluate_a_pair_of_files(toy, tmp_path, monkeypatch) -> None:
         f"result_dir={result}",
         "decode.beam_size=3",
     )
-    hyp = result / "toy-run" / "eval" / "mine.de.beam3.hyp"
+    hyp = result / "toy-run" / "eval" / "mine.de.best.beam3.hyp"
     assert hyp.read_text(encoding="utf-8") == "Two three four five.\nEight nine eight seven.\n"
     assert json.loads(hyp.with_suffix(".json").read_text())["bleu"] == pytest.approx(100.0)
 
@@ -114,7 +114,7 @@ def test_run_name_falls_back_to_the_checkpoint_folder(toy, tmp_path, monkeypatch
     checkpoint = save_checkpoint(payload, tmp_path / "saved" / "my-run" / "best.pt")
     result = tmp_path / "result"
     run_evaluate(monkeypatch, f"checkpoint={checkpoint}", "split=val", f"result_dir={result}")
-    assert (result / "my-run" / "eval" / "val.beam5.hyp").is_file()
+    assert (result / "my-run" / "eval" / "val.best.beam5.hyp").is_file()
 
 
 @pytest.mark.parametrize(
@@ -164,3 +164,30 @@ def test_the_script_runs_as_a_command(toy, tmp_path) -> None:
     assert "BLEU" in done.stdout
     assert (result / "toy-run" / "eval" / "val.greedy.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]  # no log files, no outputs/
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute-run", "..", "a/../../b"])
+def test_run_name_inside_a_checkpoint_never_leaves_result_dir(toy, tmp_path, monkeypatch, name):
+    """Finding 2 of the reliability review: the output folder came from the `run_name` stored in
+    the checkpoint, so a checkpoint from elsewhere could write anywhere."""
+    payload = load_checkpoint(toy.checkpoint)
+    payload["config"]["run_name"] = name
+    checkpoint = save_checkpoint(payload, tmp_path / "given" / "best.pt")
+    result = tmp_path / "work" / "result"
+    run_evaluate(monkeypatch, f"checkpoint={checkpoint}", "split=val", f"result_dir={result}")
+    written = [p for p in tmp_path.rglob("*.hyp")]
+    assert len(written) == 1
+    assert written[0].parent.parent.parent == result  # result/<one component>/eval/<file>
+    assert ".." not in written[0].parent.parent.name
+
+
+def test_each_checkpoint_of_a_run_keeps_its_own_hypotheses(toy, tmp_path, monkeypatch):
+    """Finding 10: output files were named by split and beam only, so scoring a second checkpoint
+    of the same run overwrote the first one's hypotheses."""
+    other = tmp_path / "saved" / "toy-run" / "epoch_2.pt"
+    save_checkpoint(load_checkpoint(toy.checkpoint), other)
+    result = tmp_path / "result"
+    for checkpoint in (toy.checkpoint, other):
+        run_evaluate(monkeypatch, f"checkpoint={checkpoint}", "split=val", f"result_dir={result}")
+    names = sorted(p.name for p in (result / "toy-run" / "eval").glob("*.hyp"))
+    assert names == ["val.best.beam5.hyp", "val.epoch_2.beam5.hyp"]

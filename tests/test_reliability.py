@@ -303,6 +303,56 @@ def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
     assert not (tmp_path / "result" / "resumed" / "metrics.csv").exists()  # it trained nothing
 
 
+@pytest.mark.parametrize(
+    "override",
+    ["data.max_tokens=300", "trainer.accumulate=2", "trainer.seed=7", "optim.weight_decay=0.01"],
+)
+def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys, override
+):
+    """Finding 5 of the reliability review: other batching settings skipped or repeated data
+    silently (and wrote a second row for the epoch); another optimizer setting was a traceback."""
+    data_root, good = one_step_run
+    saved = tmp_path / "saved" / "changed"
+    saved.mkdir(parents=True)
+    last = saved / "last.pt"
+    save_checkpoint(load_checkpoint(good), last)
+    before = last.read_bytes()
+    args = overrides(
+        config_corpus, tmp_path, "changed", "trainer.resume=true", override, data_root=data_root
+    )
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 2
+    key = override.split("=")[0]
+    _one_line_error(err.strip() + "\n", str(last), f"this resume asks for {override}", key)
+    assert last.read_bytes() == before
+
+
+def test_resume_with_a_new_learning_rate_is_allowed_and_logged(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys
+):
+    data_root, good = one_step_run
+    saved = tmp_path / "saved" / "new-lr"
+    saved.mkdir(parents=True)
+    save_checkpoint(load_checkpoint(good), saved / "last.pt")
+    args = overrides(
+        config_corpus,
+        tmp_path,
+        "new-lr",
+        "trainer.resume=true",
+        "optim.lr=1e-3",
+        "trainer.max_steps=2",
+        data_root=data_root,
+    )
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 0, err
+    log_text = (tmp_path / "result" / "new-lr" / "train.log").read_text()
+    assert "resuming with optim.lr=0.001 (the run so far used 0.003)" in log_text
+    rows = (tmp_path / "result" / "new-lr" / "metrics.csv").read_text().splitlines()[1:]
+    epochs = [row.split(",")[0] for row in rows]
+    assert len(epochs) == len(set(epochs))  # no epoch has two rows
+
+
 # ------------------------------------------------------------------------------------------
 # Hostile translation input
 
@@ -434,6 +484,16 @@ def config_corpus(tmp_path_factory):
         ("trainer.max_epochs=three", "max_epochs"),  # wrong type
         ("data.src=qq", "'qq'"),  # a language no tokenizer (and no corpus) has
         ("data.name=multi30k data.tgt=xx", "data.tgt"),  # a pair Multi30k does not have
+        # Finding 9 of the reliability review: nan / inf passed every check, a huge beam ran OOM.
+        ("decode.length_penalty=nan", "decode.length_penalty must be a finite number (got nan)"),
+        ("optim.lr=nan", "optim.lr must be a finite number"),
+        ("decode.max_len_b=inf", "decode.max_len_b must be a finite number (got inf)"),
+        ("trainer.max_time=inf", "trainer.max_time must be a finite number"),
+        ("model.dropout=nan", "model.dropout must be a finite number"),
+        ("decode.beam_size=10000", "decode.beam_size=10000 is above the limit of 256"),
+        # Finding 10: devices torch knows but the trainer does not run on.
+        ("trainer.device=meta", "trainer.device must be auto, cpu, cuda or cuda:N"),
+        ("trainer.device=mps", "trainer.device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_config_errors_name_the_key_and_do_no_work(
@@ -451,6 +511,66 @@ def test_config_errors_name_the_key_and_do_no_work(
 
 # ------------------------------------------------------------------------------------------
 # Numerics
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_at_load(toy, tmp_path, capsys):
+    """Finding 7: NaN weights were accepted; beam search died with an IndexError, greedy printed
+    `<unk>` lines and exited 0."""
+    payload = load_checkpoint(toy.checkpoint)
+    name = next(n for n, t in payload["model"].items() if t.is_floating_point())
+    payload["model"][name] = payload["model"][name].clone()
+    payload["model"][name].view(-1)[0] = float("nan")
+    checkpoint = save_checkpoint(payload, tmp_path / "nan.pt")
+    for beam in ("1", "5"):
+        code, out, err = run_translate(capsys, str(checkpoint), "--beam", beam, "Zwei.")
+        assert code == 2 and out == ""
+        _one_line_error(err, str(checkpoint), "NaN or infinite weights", name)
+
+
+def test_an_endless_line_is_cut_in_bounded_memory_and_linear_time(toy, tmp_path):
+    """Finding 8: a line was read whole before being truncated (a 10 MB line took 804 MB, 64 MB
+    without a newline took 24.6 s, quadratic). Now a line keeps its first 64 KiB as it streams by."""
+    from transformer_mt.cli.translate import MAX_LINE_BYTES
+
+    command = [
+        sys.executable,
+        "-c",
+        PEAK_RSS_WRAPPER,
+        str(tmp_path / "peak"),
+        str(TRANSLATE_SCRIPT),
+        str(toy.checkpoint),
+        *("--beam", "1", "--device", "cpu"),
+    ]
+    size = 32 << 20  # 32 MiB of one line without a newline, then a short line
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    started = time.perf_counter()
+
+    def feed() -> None:
+        block = b"vier " * (1 << 18)  # 1.25 MiB
+        for _ in range(size // len(block)):
+            proc.stdin.write(block)
+        proc.stdin.write(b"\nZwei drei.\n")
+        proc.stdin.close()
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    out = proc.stdout.read().decode("utf-8")
+    err = proc.stderr.read().decode("utf-8", "replace")
+    writer.join()
+    assert proc.wait(timeout=300) == 0, err
+    seconds = time.perf_counter() - started
+    peak_mb = int((tmp_path / "peak").read_text()) / 1024
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert f"more than the {MAX_LINE_BYTES} a line may have" in err
+    assert peak_mb < STREAM_PEAK_RSS_MB  # the 32 MiB line is never held whole
+    assert seconds < 120  # a generous guard: the quadratic version took minutes for this size
 
 
 def test_bf16_autocast_and_float32_give_the_same_greedy_output(toy):

@@ -100,6 +100,47 @@ def test_existing_run_is_never_overwritten(corpus, tmp_path, monkeypatch, capsys
     assert (saved / "last.pt").read_bytes() == b"precious"
 
 
+def test_a_new_run_never_truncates_the_logs_of_a_run_of_the_same_name(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    """Finding 1 of the reliability review: the same run_name with another saved_dir truncated
+    result/<run>/metrics.csv, and a refused start still rewrote result/<run>/.hydra/config.yaml."""
+    result = tmp_path / "result" / "logged"
+    result.mkdir(parents=True)
+    (result / "metrics.csv").write_text("epoch,step\n1,10\n")
+    (result / "train.log").write_text("the first run's log\n")
+    before = {p.name: p.read_bytes() for p in result.iterdir()}
+    args = args_for(corpus, tmp_path, "logged", f"saved_dir={tmp_path / 'other-saved'}")
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2
+    line = _user_error_line(err)
+    assert f"{result} already holds the logs" in line and "another run_name" in line
+    assert {p.name: p.read_bytes() for p in result.iterdir()} == before  # nothing new, nothing lost
+    assert not (tmp_path / "other-saved" / "logged").exists()
+
+
+def test_a_refused_start_writes_nothing_into_the_run_folders(corpus, tmp_path, monkeypatch, capsys):
+    saved = tmp_path / "saved" / "taken"
+    saved.mkdir(parents=True)
+    (saved / "last.pt").write_bytes(b"precious")
+    code, _ = run_main(args_for(corpus, tmp_path, "taken"), monkeypatch, capsys)
+    assert code == 2
+    result = tmp_path / "result" / "taken"
+    assert not result.exists() or not any(result.rglob("*"))
+
+
+def test_a_started_run_records_its_config(corpus, tmp_path, monkeypatch, capsys):
+    code, _ = run_main(
+        args_for(corpus, tmp_path, "recorded", "trainer.max_steps=1"), monkeypatch, capsys
+    )
+    assert code == 0
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "result" / "recorded" / "config.yaml").read_text())
+    assert config["run_name"] == "recorded" and config["trainer"]["max_steps"] == 1
+    assert "train.log" in {p.name for p in (tmp_path / "result" / "recorded").iterdir()}
+
+
 def test_resume_without_last_checkpoint_is_an_error(corpus, tmp_path, monkeypatch, capsys):
     code, err = run_main(
         args_for(corpus, tmp_path, "ghost", "trainer.resume=true"), monkeypatch, capsys
@@ -137,6 +178,30 @@ def test_second_run_on_the_same_name_refuses_while_the_first_is_alive(
     assert code == 2
     assert f"already being trained by process {holder.pid}" in _user_error_line(err)
     assert json.loads((saved / LOCK_NAME).read_text()) == lock  # the other run's lock stays
+
+
+def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_foreign_one_names_its_file(tmp_path):
+    """Finding 4 of the reliability review: a lock left by a PID now reused by another process, or
+    by another host, was never taken over, and the message did not say which file to delete."""
+    from transformer_mt.train.rundir import process_start
+
+    lock_path = tmp_path / LOCK_NAME
+    reused = {"pid": os.getpid(), "host": socket.gethostname(), "started": "other-boot:12345"}
+    assert process_start() not in (None, reused["started"])
+    lock_path.write_text(json.dumps(reused))  # "our" PID, but a process that started elsewhen
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    owner = json.loads(lock_path.read_text())
+    assert owner["pid"] == os.getpid() and owner["started"] == process_start()
+    lock.release()
+
+    foreign = {"pid": 1, "host": "another-host.example", "started": None}
+    lock_path.write_text(json.dumps(foreign))
+    with pytest.raises(UserError) as refused:
+        RunLock(tmp_path).acquire()
+    message = str(refused.value)
+    assert "another-host.example" in message and f"delete {lock_path}" in message
+    assert json.loads(lock_path.read_text()) == foreign
 
 
 def test_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
@@ -243,6 +308,44 @@ def test_full_disk_stops_the_run_naming_the_file(corpus, tmp_path, monkeypatch):
     assert len(rows) == 1  # header only: it did not train on without a checkpoint
 
 
+@pytest.mark.parametrize("victim", ["curves", "metrics"])
+def test_full_disk_while_writing_the_logs_is_a_one_line_error(
+    corpus, tmp_path, monkeypatch, capsys, victim
+):
+    """Finding 6 of the reliability review: ENOSPC while writing curves.png or metrics.csv was a
+    traceback, though the same fault in a checkpoint write was a clean one-line error."""
+    from transformer_mt.train import logging as run_logging
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if victim == "curves":
+        monkeypatch.setattr(run_logging.Figure, "savefig", no_space)
+    else:
+        real_fsync = os.fsync
+        calls = {"n": 0}
+
+        def fsync_fails_on_the_metrics_row(fd):
+            calls["n"] += 1
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.csv"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_fsync(fd)
+
+        monkeypatch.setattr(run_logging.os, "fsync", fsync_fails_on_the_metrics_row)
+    args = args_for(corpus, tmp_path, f"full-{victim}", "trainer.max_epochs=2")
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2
+    result = tmp_path / "result" / f"full-{victim}"
+    name = "curves.png" if victim == "curves" else "metrics.csv"
+    line = _user_error_line(err)
+    assert f"cannot write {result / name}: No space left on device" in line
+    assert "trainer.resume=true" in line
+    assert (tmp_path / "saved" / f"full-{victim}" / "last.pt").is_file()  # saved before the logs
+    rows = (result / "metrics.csv").read_text().splitlines()
+    assert all(row.count(",") == rows[0].count(",") for row in rows)  # no half-written row
+    assert not list(result.glob(".*.tmp"))
+
+
 # ------------------------------------------------------------------------------------------
 # Stopping rules and messages
 
@@ -280,4 +383,83 @@ def test_cpu_with_the_base_model_warns_and_names_the_small_preset(caplog):
     cfg = compose_config(["model=base", "run_name=x"])
     with caplog.at_level(logging.WARNING):
         trainer_module._warn_if_slow(cfg, torch.device("cpu"))
-    assert "model=small" in caplog.text and "slow" in caplog.text
+    assert "experiment=cpu" in caplog.text and "slow" in caplog.text
+
+
+def test_a_validation_pair_longer_than_the_model_reads_is_left_out_not_fatal(
+    tmp_path, monkeypatch, capsys
+):
+    """Finding 3 of the reliability review: one validation pair longer than model.max_positions
+    crashed validation after a full epoch of training, every epoch, before its checkpoint."""
+    files = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=20)
+    long_line = " ".join(["ant", "bee"] * 10)  # 20 tokens
+    with open(files["val_src"], "a") as src, open(files["val_tgt"], "a") as tgt:
+        src.write(long_line + "\n")
+        tgt.write(" ".join(reversed(long_line.split())) + "\n")
+    args = overrides(files, tmp_path, "long", "model.max_positions=12", "trainer.max_epochs=1")
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 0, err
+    log_text = (tmp_path / "result" / "long" / "train.log").read_text()
+    assert "val: left out 1 of 21 pairs longer than model.max_positions=12" in log_text
+    assert (tmp_path / "saved" / "long" / "epoch_1.pt").is_file()
+
+
+def test_sighup_asks_to_stop_like_sigterm_and_a_second_signal_aborts_cleanly():
+    """Finding 10: closing the terminal (SIGHUP) was not handled like SIGTERM, and a second
+    SIGTERM during the shutdown save printed a traceback."""
+    import signal as signals
+
+    from transformer_mt.train.signals import Aborted, StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signals.SIGHUP)
+        assert stop.requested and stop.signum == signals.SIGHUP
+        with pytest.raises(Aborted) as aborted:
+            os.kill(os.getpid(), signals.SIGTERM)
+    assert aborted.value.signum == signals.SIGTERM
+
+
+def test_a_second_signal_while_saving_exits_without_a_traceback(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    from transformer_mt.train.signals import Aborted
+
+    def aborted_save(*args, **kwargs):
+        raise Aborted(15)
+
+    monkeypatch.setattr(trainer_module.Trainer, "save", aborted_save)
+    code, err = run_main(
+        args_for(corpus, tmp_path, "aborted", "trainer.max_epochs=1"), monkeypatch, capsys
+    )
+    assert code == 128 + 15
+    assert "Traceback" not in err
+
+
+def test_temp_files_never_follow_a_planted_symlink(tmp_path):
+    """Finding 10: temporary files had predictable names and followed symlinks, so anyone able to
+    write the run folder could make the trainer overwrite another file."""
+    from transformer_mt.train.checkpoint import copy_checkpoint
+    from transformer_mt.train.logging import RunLogger
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    run = tmp_path / "run"
+    run.mkdir()
+    planted = [
+        run / f".{LOCK_NAME}.{os.getpid()}",  # the lock's old temp name
+        run / f".epoch_1.pt.{os.getpid()}.link",  # copy_checkpoint's
+        run / ".metrics.csv.tmp",  # the metrics rewrite's
+        run / ".curves.png.tmp",
+    ]
+    for link in planted:
+        link.symlink_to(victim)
+    lock = RunLock(run)
+    lock.acquire()
+    lock.release()
+    (run / "last.pt").write_bytes(b"checkpoint")
+    copy_checkpoint(run / "last.pt", run / "epoch_1.pt")
+    logger = RunLogger(run)
+    logger.epoch_row({"epoch": 1, "step": 1, "val_loss": 1.0, "val_ppl": 2.7, "val_bleu": 5.0})
+    logger.close()
+    assert victim.read_text() == "untouched"
+    assert (run / "epoch_1.pt").read_bytes() == b"checkpoint"

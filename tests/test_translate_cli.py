@@ -189,6 +189,9 @@ def test_bad_checkpoints_are_one_line_errors(toy, tmp_path, capsys, problem) -> 
         (["--nbest", "3", "--beam", "2"], "--nbest 3 needs --beam 3 or more"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--input", "/no/such/file.de"], "cannot read --input /no/such/file.de"),
+        # Finding 10 of the reliability review: these were tracebacks.
+        (["--device", "meta"], "device 'meta' is not supported"),
+        (["--device", "mps"], "device 'mps' is not supported"),
     ],
 )
 def test_bad_options_are_one_line_errors(toy, tmp_path, capsys, options, message) -> None:
@@ -259,3 +262,24 @@ def test_line_chunks_split_lines_and_replace_bad_bytes() -> None:
         "\ufffdb",
         "last",
     ]
+
+
+def test_output_to_a_folder_is_a_one_line_error(toy, tmp_path, capsys) -> None:
+    """Finding 10 of the reliability review: `--output <a directory>` was a traceback."""
+    folder = tmp_path / "out"
+    (folder / "kept.txt").parent.mkdir()
+    (folder / "kept.txt").write_text("precious")
+    code, out, err = run_main(capsys, str(toy.checkpoint), "--output", str(folder), "Zwei drei.")
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: cannot write {folder}: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]
+    assert (folder / "kept.txt").read_text() == "precious"
+    assert not list(tmp_path.glob(".out.*.tmp"))
+
+
+def test_line_chunks_cut_a_line_over_the_byte_limit_as_it_streams() -> None:
+    """Finding 8: the line is cut while it arrives, never read whole."""
+    stream = io.BytesIO(b"abcdefghij" * 10 + b"\nshort\n" + "é".encode() * 20)
+    chunks = list(translate_cli.line_chunks(stream, max_lines=10, max_line_bytes=15))
+    lines = [line for chunk in chunks for line in chunk]
+    assert lines == ["abcdefghijabcde", "short", "ééééééé"]  # a cut character is dropped

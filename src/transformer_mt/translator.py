@@ -42,6 +42,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is available: use cpu")
     return device
@@ -141,8 +143,10 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator[Any
     """Open `path` for writing through a temp file beside it, renamed into place on success.
 
     If the block raises, the temp file is removed and `path` keeps its old content or stays absent
-    (if the process dies, a hidden temp file may stay, but `path` is never half written).
-    Text is UTF-8 with "\\n" line ends.
+    (if the process dies, a hidden temp file may stay, but `path` is never half written); a failed
+    write or rename (a full disk, `path` being a folder) is a UserError naming `path`. The temp
+    name is unique (mkstemp, created exclusively: never a symlink someone left there). Text is
+    UTF-8 with "\\n" line ends.
     """
     path = Path(path)
     try:
@@ -156,9 +160,13 @@ def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator[Any
         encoding = None if binary else "utf-8"
         with open(fd, mode, encoding=encoding, newline=None if binary else "\n") as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk, or `path` is a folder
+            raise UserError(f"cannot write {path}: {err.strerror or err}") from None
         raise
 
 

@@ -7,8 +7,9 @@
 Decodes the source sentences (longest first, in batches, restored to input order), detokenizes
 them and prints corpus sacreBLEU against the raw reference lines exactly as distributed (cased,
 detokenized, with the full signature), chrF, and the lower-cased 13a BLEU most tutorials quote.
-Writes `<result_dir>/<run_name>/eval/<split>.<greedy|beamK>.hyp` (one line per source line, in
-order) and a `.json` beside it with the scores, signatures, decoding settings and speed.
+Writes `<result_dir>/<run_name>/eval/<split>.<checkpoint>.<greedy|beamK>.hyp` (one line per source
+line, in order; `<checkpoint>` is the file's stem: best, averaged, epoch_12, ...) and a `.json`
+beside it with the scores, signatures, decoding settings and speed.
 
 A split's source ids come from the prepared cache of the checkpoint's data settings when it is
 there (no spaCy needed); otherwise the raw source lines are tokenized. Files given by
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +55,21 @@ def decode_name(cfg: DecodeConfig) -> str:
 
 
 def run_name(translator: Translator, checkpoint: str) -> str:
-    """The training run's name, else the folder the checkpoint sits in."""
-    return translator.train_config.get("run_name") or Path(checkpoint).resolve().parent.name
+    """The training run's name, else the folder the checkpoint sits in, as one safe path component.
+
+    The name comes from inside the checkpoint, which may come from anyone: `../x` or `/etc` must
+    not choose where results are written.
+    """
+    name = translator.train_config.get("run_name") or Path(checkpoint).resolve().parent.name
+    safe = re.sub(r"[^\w.-]+", "_", str(name)).strip("._")
+    return safe or "run"
+
+
+def output_stem(cfg: EvaluateConfig, split: str, decode_cfg: DecodeConfig) -> str:
+    """`<split>.<checkpoint>.<greedy|beamK>`: scoring another checkpoint of the run (best,
+    averaged, epoch_12, ...) never overwrites this one's hypotheses."""
+    checkpoint = re.sub(r"[^\w.-]+", "_", Path(cfg.checkpoint).stem).strip("._") or "checkpoint"
+    return f"{split}.{checkpoint}.{decode_name(decode_cfg)}"
 
 
 def checkpoint_data_config(translator: Translator, cfg: EvaluateConfig) -> DataConfig:
@@ -148,7 +163,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     folder = Path(cfg.result_dir) / run_name(translator, cfg.checkpoint) / "eval"
     hyp_path = write_results(
-        folder, f"{test.name}.{decode_name(translator.decode_cfg)}", hypotheses, report
+        folder, output_stem(cfg, test.name, translator.decode_cfg), hypotheses, report
     )
     print_report(report, hyp_path)
     return report

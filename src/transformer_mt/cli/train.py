@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import hydra
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 
 from transformer_mt.cli.common import CONFIG_DIR, register_configs, report_user_errors
 from transformer_mt.config import TrainConfig, to_dataclass
-from transformer_mt.train.signals import TrainingInterrupted
+from transformer_mt.train.signals import Aborted, TrainingInterrupted
 from transformer_mt.train.trainer import train
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,14 @@ def run(node: DictConfig) -> float:
         log.warning("%s", stop)
         logging.shutdown()
         sys.exit(stop.exit_code)
+    except Aborted as abort:
+        log.warning(
+            "aborted by a second %s without saving: saved/%s/last.pt is the last complete save",
+            signal.Signals(abort.signum).name,
+            cfg.run_name,
+        )
+        logging.shutdown()
+        sys.exit(128 + abort.signum)
     return metrics.get(cfg.trainer.monitor, float("nan"))
 
 

@@ -23,6 +23,10 @@ from transformer_mt.errors import ConfigError
 from transformer_mt.translator import Translator, atomic_writer
 
 READ_BYTES = 1 << 16  # most bytes taken from the input at once (about a thousand short lines)
+# Longest input line kept, in bytes: far more than a model reads (model.max_positions tokens).
+MAX_LINE_BYTES = 1 << 16
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Translate sentences with a trained checkpoint: one output line per input line, in input order.
@@ -32,7 +36,8 @@ line by line as a stream (each chunk of lines is translated and flushed as soon 
 An empty input line gives an empty output line. Input bytes that are not valid UTF-8 are replaced by
 U+FFFD (the Unicode replacement character) instead of stopping the stream.
 
-A sentence longer than the model can read is truncated to what it can, with a warning on stderr.
+A sentence longer than the model can read is truncated to what it can, with a warning on stderr;
+an input line longer than 64 KiB is cut to its first 64 KiB as it is read.
 """
 
 EPILOG = """\
@@ -144,20 +149,62 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     )
 
 
-def line_chunks(stream: BinaryIO, max_lines: int) -> Iterator[list[str]]:
+def line_chunks(
+    stream: BinaryIO, max_lines: int, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[list[str]]:
     """Lines of a byte stream as they arrive, in lists of at most `max_lines`.
 
     Each read takes what is available (waiting only while nothing is), so a line that arrives alone
     is handed on alone, and a file is handed on a batch at a time. Bytes that are not UTF-8 become
-    U+FFFD; line ends (LF or CRLF) are removed; a last line without a line end counts.
+    U+FFFD; line ends (LF or CRLF) are removed; a last line without a line end counts. A line
+    longer than `max_line_bytes` keeps its first `max_line_bytes` bytes (with a warning) and the
+    rest is skipped as it arrives: memory and time stay linear in the input whatever its lines.
     """
-    pending = b""
+    line = _BoundedLine(max_line_bytes)
+    number = 0
     while data := stream.read1(READ_BYTES):
-        *complete, pending = (pending + data).split(b"\n")
-        for start in range(0, len(complete), max_lines):
-            yield [_text(line) for line in complete[start : start + max_lines]]
-    if pending:
-        yield [_text(pending)]
+        *complete, rest = data.split(b"\n")
+        lines = []
+        for piece in complete:
+            line.add(piece)
+            number += 1
+            lines.append(line.take(number))
+        line.add(rest)
+        for start in range(0, len(lines), max_lines):
+            yield lines[start : start + max_lines]
+    if line.size:
+        yield [line.take(number + 1)]
+
+
+class _BoundedLine:
+    """The line being read: at most `limit` bytes of it are kept, the rest only counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0  # bytes of the line so far, kept or not
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - self.size
+        if room > 0:
+            self.parts.append(data[:room])
+        self.size += len(data)
+
+    def take(self, number: int) -> str:
+        """The line as text (the next one starts empty); line `number` is named in the warning."""
+        text = _text(b"".join(self.parts))
+        if self.size > self.limit:
+            log.warning(
+                "input line %d has %d bytes, more than the %d a line may have: "
+                "translating its first %d bytes only",
+                number,
+                self.size,
+                self.limit,
+                self.limit,
+            )
+            text = text.rstrip("\ufffd")  # a character the cut went through
+        self.parts, self.size = [], 0
+        return text
 
 
 def _text(line: bytes) -> str:

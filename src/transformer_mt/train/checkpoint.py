@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -87,9 +88,8 @@ def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     other intact.
     """
     source, path = Path(source), Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
-    try:
-        tmp.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.link")  # unguessable, and
+    try:  # os.link and copyfile below refuse or replace a name, never follow a planted symlink
         try:
             os.link(source, tmp)
         except OSError:
@@ -152,7 +152,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} has checkpoint format {payload['format_version']}, "
             f"this version reads format {CHECKPOINT_FORMAT}"
         )
+    _check_finite_weights(path, payload["model"])
     return payload
+
+
+def _check_finite_weights(path: Path, weights: Any) -> None:
+    """A model with a NaN or infinite weight translates into garbage (or crashes beam search)."""
+    if not isinstance(weights, dict):
+        return  # not a state dict: loading it into a model reports the problem
+    for name, tensor in weights.items():
+        floating = torch.is_tensor(tensor) and tensor.is_floating_point()
+        if floating and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{path} holds NaN or infinite weights ({name}): it was saved by a run that "
+                "diverged; use an earlier checkpoint (an epoch_<n>.pt or best.pt)"
+            )
 
 
 def _unpickling_detail(err: pickle.UnpicklingError) -> tuple[str, bool]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import io
 import json
 import logging
 import math
@@ -20,6 +22,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from transformer_mt.errors import UserError
 
 METRIC_COLUMNS = (
     "epoch",  # epochs completed (a run stopped by max_steps logs its unfinished epoch's number)
@@ -74,13 +78,11 @@ class RunLogger:
         if not self.enabled:
             return
         row = {key: row.get(key) for key in METRIC_COLUMNS}
+        line = io.StringIO()
+        csv.DictWriter(line, fieldnames=METRIC_COLUMNS).writerow(row)
+        _append(self.csv_path, line.getvalue())
+        _append(self.jsonl_path, json.dumps(row) + "\n")
         self.rows.append(row)
-        with open(self.csv_path, "a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=METRIC_COLUMNS).writerow(row)
-            handle.flush()
-        with open(self.jsonl_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
         for name in ("loss", "ppl", "bleu"):
             value = row[f"val_{name}"]
             if value is not None:
@@ -140,9 +142,35 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (loss_ax, bleu_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    from transformer_mt.translator import atomic_writer
+
+    try:
+        with atomic_writer(path, binary=True) as handle:
+            figure.savefig(handle, format="png", dpi=100)
+    except UserError as err:
+        raise _write_error(path, err) from None
+
+
+def _append(path: Path, text: str) -> None:
+    """Append `text` whole or not at all: a failed write (a full disk) is cut off again."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise _write_error(path, err) from None
+
+
+def _write_error(path: Path, err: OSError | UserError) -> UserError:
+    what = str(err) if isinstance(err, UserError) else f"cannot write {path}: {err.strerror or err}"
+    return UserError(
+        f"{what}; free some space, then continue with trainer.resume=true "
+        "(the epoch's checkpoint was saved before its logs)"
+    )
 
 
 @contextlib.contextmanager
@@ -165,6 +193,16 @@ def log_file(path: Path) -> Iterator[None]:
         handler.close()
 
 
+def write_config(path: Path, cfg: Any) -> None:
+    """The run's resolved config as YAML (atomically; a resumed run writes its own over it)."""
+    from omegaconf import OmegaConf
+
+    from transformer_mt.translator import atomic_writer
+
+    with atomic_writer(path) as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+
+
 def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -185,12 +223,16 @@ def _read_rows(jsonl_path: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 def _rewrite_metrics(csv_path: Path, jsonl_path: Path, rows: list[dict[str, Any]]) -> None:
     """Start both files afresh with `rows` (temp file + rename, so a crash keeps the old ones)."""
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows({key: row.get(key) for key in METRIC_COLUMNS} for row in rows)
-    os.replace(tmp, csv_path)
-    tmp = jsonl_path.with_name(f".{jsonl_path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, jsonl_path)
+    from transformer_mt.translator import atomic_writer
+
+    for path in (csv_path, jsonl_path):
+        try:
+            with atomic_writer(path) as handle:
+                if path == csv_path:
+                    writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+                    writer.writeheader()
+                    writer.writerows({key: row.get(key) for key in METRIC_COLUMNS} for row in rows)
+                else:
+                    handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        except UserError as err:
+            raise _write_error(path, err) from None

@@ -1,9 +1,11 @@
 """The folders of one run and the rules that keep a user's work safe.
 
 - `saved/<run>/` holds checkpoints; `result/<run>/` holds logs, metrics and plots.
-- A new run never writes into a folder that already holds checkpoints (resume it or pick another name).
-- Only one process trains a run at a time: `saved/<run>/train.lock` holds the owner's PID and host;
-  a lock whose process is gone (a crash, a kill -9) is recognised as stale and taken over.
+- A new run never writes into a folder that already holds checkpoints, nor into a result folder that
+  holds another run's logs (resume it or pick another name); a refused start writes nothing.
+- Only one process trains a run at a time: `saved/<run>/train.lock` holds the owner's PID, host and
+  process start time; a lock whose process is gone (a crash, a kill -9), or whose PID now belongs to
+  another process, is recognised as stale and taken over.
 - A folder that cannot be written stops the run before training, with an error naming the path.
 """
 
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,13 @@ class RunPaths:
     def checkpoints(self) -> list[Path]:
         return sorted(self.saved.glob("*.pt")) if self.saved.is_dir() else []
 
+    def logs(self) -> list[Path]:
+        """The files of result/<run>/ that a new run would append to or replace."""
+        if not self.result.is_dir():
+            return []
+        names = ("metrics.csv", "metrics.jsonl", "train.log", "curves.png", "events.out.tfevents*")
+        return sorted(path for name in names for path in self.result.glob(name))
+
 
 def epoch_checkpoints(folder: Path) -> list[Path]:
     """The `epoch_<n>.pt` files in `folder`, sorted by n."""
@@ -96,6 +106,12 @@ def check_start(paths: RunPaths, resume: bool) -> None:
         raise UserError(
             f"{paths.saved} already holds checkpoints of run {paths.name!r}: "
             "add trainer.resume=true to continue it, or pick another run_name"
+        )
+    if not resume and paths.logs():
+        raise UserError(
+            f"{paths.result} already holds the logs of a run {paths.name!r} "
+            f"({', '.join(p.name for p in paths.logs()[:3])}): pick another run_name, or "
+            "continue that run with trainer.resume=true and its saved_dir"
         )
 
 
@@ -134,20 +150,30 @@ class RunLock:
         The lock appears complete or not at all: its content is written to a temp file first and
         then hard-linked to the lock name, which fails if another process got there first.
         """
-        owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": process_start()}
+        tmp = None
         try:
-            tmp.write_text(json.dumps(owner))
+            # A unique temp file created exclusively (never a symlink someone planted there).
+            fd, name = tempfile.mkstemp(prefix=f".{LOCK_NAME}.", dir=self.path.parent)
+            tmp = Path(name)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(owner))
             for _ in range(2):
                 try:
                     os.link(tmp, self.path)
                 except FileExistsError:
                     holder = _read_owner(self.path)
                     if holder is not None and _is_alive(holder):
+                        elsewhere = holder["host"] != socket.gethostname()
                         raise UserError(
                             f"run {self.path.parent.name!r} is already being trained by process "
                             f"{holder['pid']} on {holder['host']} (lock {self.path}): "
                             "wait for it to finish, or pick another run_name"
+                            + (
+                                f"; if no run on {holder['host']} uses it, delete {self.path}"
+                                if elsewhere
+                                else ""
+                            )
                         ) from None
                     log.warning("taking over stale lock %s (owner %s is gone)", self.path, holder)
                     self.path.unlink(missing_ok=True)
@@ -160,8 +186,9 @@ class RunLock:
                 "free some space or point saved_dir at a writable folder"
             ) from err
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         raise UserError(f"could not take the lock {self.path}: remove it if no run is using it")
 
     def release(self) -> None:
@@ -173,13 +200,31 @@ class RunLock:
 def _read_owner(path: Path) -> dict | None:
     try:
         owner = json.loads(path.read_text())
-        return {"pid": int(owner["pid"]), "host": str(owner["host"])}
-    except (OSError, ValueError, KeyError, TypeError):
+        started = owner.get("started")
+        return {
+            "pid": int(owner["pid"]),
+            "host": str(owner["host"]),
+            "started": None if started is None else str(started),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable: treated as stale
 
 
+def process_start(pid: int | None = None) -> str | None:
+    """When process `pid` (default: this one) started, as `<boot id>:<clock ticks since boot>`;
+    None where /proc does not say. A PID reused by a later process, or after a reboot, differs."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) "
+    return f"{boot}:{fields[19]}"  # field 22 of stat(5): starttime
+
+
 def _is_alive(owner: dict) -> bool:
-    """Whether the lock's owner may still be running (a lock from another host is assumed live)."""
+    """Whether the lock's owner may still be running (a lock from another host is assumed live:
+    its processes cannot be seen from here)."""
     if owner["host"] != socket.gethostname():
         return True
     try:
@@ -187,5 +232,9 @@ def _is_alive(owner: dict) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if owner["started"] is not None:
+        now = process_start(owner["pid"])
+        if now is not None and now != owner["started"]:
+            return False  # the PID now belongs to another process
     return True

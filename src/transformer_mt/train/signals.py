@@ -1,8 +1,9 @@
 """Ctrl-C and `kill` as a polite request: finish the current step, save, then stop.
 
-Inside `with StopRequest() as stop:` the first SIGINT or SIGTERM only sets `stop.signum`; the
+Inside `with StopRequest() as stop:` the first SIGINT, SIGTERM or SIGHUP only sets `stop.signum`; the
 training loop looks at it between optimizer steps, writes `last.pt` and raises `TrainingInterrupted`.
-A second signal aborts at once (KeyboardInterrupt), for a user who really wants out.
+A second signal aborts at once (`Aborted`), for a user who really wants out; checkpoints are
+written atomically, so `last.pt` is then the previous save or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import threading
 
 log = logging.getLogger(__name__)
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal the run was started from was closed.
+HANDLED = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 class TrainingInterrupted(Exception):
@@ -28,8 +30,16 @@ class TrainingInterrupted(Exception):
         return 128 + self.signum
 
 
+class Aborted(KeyboardInterrupt):
+    """A second signal while stopping: leave now, without saving."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
-    """Remembers the first SIGINT / SIGTERM received while active (main thread only)."""
+    """Remembers the first SIGINT / SIGTERM / SIGHUP received while active (main thread only)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -52,7 +62,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.signum = signum
         log.warning(
             "%s received: finishing the current step, then saving last.pt and stopping "

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from transformer_mt.config import ModelConfig, TrainConfig, to_dataclass
 from transformer_mt.data.batching import Batch, PairDataset, TokenBucketSampler, collate
-from transformer_mt.data.dataset import PreparedData, load_or_prepare
+from transformer_mt.data.dataset import PreparedData, SplitData, load_or_prepare
 from transformer_mt.data.subword import subword_state
 from transformer_mt.data.tokenize import Detokenizer
 from transformer_mt.data.vocab import BOS, EOS
@@ -44,7 +44,7 @@ from transformer_mt.train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from transformer_mt.train.logging import RunLogger, log_file
+from transformer_mt.train.logging import RunLogger, log_file, write_config
 from transformer_mt.train.loss import token_loss_sum
 from transformer_mt.train.optim import PlateauSchedule, build_optimizer, is_improvement, set_lr
 from transformer_mt.train.rundir import RunPaths, open_run
@@ -77,6 +77,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if info.is_main:
             cleanup.callback(lock.release)
             cleanup.enter_context(log_file(paths.result / "train.log"))
+            write_config(paths.result / "config.yaml", cfg)
             _warn_if_slow(cfg, device)
         data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data))
         if data is None:  # the other ranks load the cache rank 0 has just prepared
@@ -91,7 +92,7 @@ def _warn_if_slow(cfg: TrainConfig, device: torch.device) -> None:
     if device.type == "cpu" and cfg.model.name in ("base", "big"):
         log.warning(
             "training model=%s on a CPU: this will be slow (hours per epoch on Multi30k); "
-            "for a CPU run pick the small preset: python scripts/train.py model=small",
+            "for a CPU run pick the CPU preset: python scripts/train.py experiment=cpu",
             cfg.model.name,
         )
 
@@ -121,6 +122,36 @@ def use_amp(requested: bool | None, device: torch.device) -> bool:
             "use trainer.amp=false (or leave it unset to choose automatically)"
         )
     return supported if requested is None else requested
+
+
+def within_positions(split: SplitData, limit: int | None) -> SplitData:
+    """`split` without the pairs a Transformer of `limit` positions cannot read or predict (a
+    source with its EOS, a target with its BOS longer than `limit`), with a warning that counts
+    them. Found when the data is loaded, so one long validation sentence never fails an epoch."""
+    if limit is None:
+        return split
+    keep = [
+        i
+        for i, (src, tgt) in enumerate(zip(split.src, split.tgt, strict=True))
+        if len(src) < limit and len(tgt) < limit
+    ]
+    if len(keep) == len(split):
+        return split
+    log.warning(
+        "%s: left out %d of %d pairs longer than model.max_positions=%d tokens "
+        "(with BOS/EOS); raise model.max_positions to keep them",
+        split.name,
+        len(split) - len(keep),
+        len(split),
+        limit,
+    )
+
+    def pick(values: list | None) -> list | None:
+        return None if values is None else [values[i] for i in keep]
+
+    return SplitData(
+        split.name, pick(split.src), pick(split.tgt), pick(split.src_text), pick(split.ref_text)
+    )
 
 
 @dataclass
@@ -163,7 +194,8 @@ class Trainer:
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
 
-        train = data.split("train")
+        limit = cfg.model.max_positions if cfg.model.arch == "transformer" else None
+        train = within_positions(data.split("train"), limit)
         self.train_set = PairDataset(train)
         self.sampler = TokenBucketSampler(
             train.src_lengths(),
@@ -174,7 +206,7 @@ class Trainer:
             num_replicas=info.world_size,
             rank=info.rank,
         )
-        self.val = data.split("val")
+        self.val = within_positions(data.split("val"), limit)
         self.val_batches = TokenBucketSampler(
             self.val.src_lengths(), self.val.tgt_lengths(), cfg.data.max_tokens, shuffle=False
         ).batches()
@@ -639,6 +671,7 @@ class Trainer:
                 f"{path} was trained on other vocabularies than the prepared data gives: "
                 "resume with the same data.* settings"
             )
+        self._check_resumed_config(path, payload.get("config") or {})
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -669,6 +702,30 @@ class Trainer:
             p.step,
             p.batches_in_epoch,
         )
+
+    def _check_resumed_config(self, path: Path, stored: dict) -> None:
+        """Refuse a resume that changes the data order or the optimizer state; log other changes.
+
+        A changed batch budget, accumulation or seed would skip or repeat data inside the epoch,
+        a changed Adam setting would not fit the saved optimizer state. Anything else (a new
+        optim.lr, a longer trainer.max_time, ...) is allowed and logged.
+        """
+        before, now = _flatten(stored), _flatten(asdict(self.cfg))
+        changed = {
+            key: (before[key], now[key])
+            for key in before.keys() & now.keys()
+            if before[key] != now[key] and key not in RESUME_IGNORED
+        }
+        for key in RESUME_FIXED:
+            if key in changed:
+                old, new = changed[key]
+                raise CheckpointError(
+                    f"{path} was trained with {key}={old}, this resume asks for {key}={new}: "
+                    f"it decides the data order or the optimizer state, so resume with "
+                    f"{key}={old} (or start a new run from this one's weights)"
+                )
+        for key, (old, new) in sorted(changed.items()):
+            log.warning("resuming with %s=%s (the run so far used %s)", key, new, old)
 
     # ------------------------------------------------------------------------------------------
     # The end of the run
@@ -745,6 +802,39 @@ class Trainer:
         )
         if p.step:
             log.info("continuing from epoch %d, step %d", p.epoch, p.step)
+
+
+# Settings a resumed run must keep (they decide the data order or the optimizer state) ...
+RESUME_FIXED = (
+    "data.max_tokens",
+    "data.limit_train",
+    "trainer.accumulate",
+    "trainer.seed",
+    "optim.betas",
+    "optim.eps",
+    "optim.weight_decay",
+)
+# ... and those that differ by nature between a run and its resume.
+RESUME_IGNORED = (
+    "trainer.resume",
+    "run_name",
+    "saved_dir",
+    "result_dir",
+    "data.root",
+    "data.mirror",
+    "trainer.progress",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"optim.lr": 5e-4, ...} of a nested config dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -31,7 +31,7 @@ def test_experiment_presets_set_a_whole_recipe(preset):
 
 def test_cpu_preset_fits_its_time_budget():
     cfg = compose_config(["experiment=cpu"])
-    assert cfg.trainer.max_time <= 42  # the last epoch, averaging and start-up fit in 45 minutes
+    assert cfg.trainer.max_time <= 43  # averaging and start-up fit in the last 2 of 45 minutes
     assert cfg.trainer.amp is None and cfg.model.fast_attention is None  # chosen per machine
 
 

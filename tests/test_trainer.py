@@ -463,3 +463,27 @@ def test_temp_files_never_follow_a_planted_symlink(tmp_path):
     logger.close()
     assert victim.read_text() == "untouched"
     assert (run / "epoch_1.pt").read_bytes() == b"checkpoint"
+
+
+def test_max_time_does_not_start_an_epoch_that_would_end_after_it():
+    """The time budget holds wall time: an epoch that would end after trainer.max_time (at the
+    last epoch's pace) is not started; without a timed epoch, the epoch that crosses it is last."""
+    from types import SimpleNamespace
+
+    from transformer_mt.config import TrainerConfig
+    from transformer_mt.train.state import Progress
+
+    def reason(train_seconds: float, last_epoch_seconds: float) -> str | None:
+        progress = Progress()
+        progress.train_seconds = train_seconds
+        trainer = SimpleNamespace(
+            progress=progress,
+            cfg=SimpleNamespace(trainer=TrainerConfig(max_time=10, max_epochs=100, patience=0)),
+            last_epoch_seconds=last_epoch_seconds,
+        )
+        return trainer_module.Trainer._finished(trainer)
+
+    assert reason(500, 90) is None  # 500 + 90 s < 600 s
+    assert "would end after trainer.max_time=10" in reason(520, 90)
+    assert reason(590, 0.0) is None  # no epoch timed yet (a resume): go on
+    assert "reached trainer.max_time=10" in reason(600, 0.0)

@@ -202,7 +202,9 @@ class TrainerConfig:
     seed: int = 1234
     max_epochs: int = 30
     max_steps: int | None = None  # stop after this many optimizer steps
-    max_time: float | None = None  # minutes of training; stops after the epoch that crosses it
+    # Minutes of training and validation: no epoch is started that would end after it at the last
+    # epoch's pace (on a resume, before the first epoch is timed: after the epoch that crosses it).
+    max_time: float | None = None
     patience: int = 6  # early stopping: epochs without improvement of `monitor`; 0 disables
     monitor: str = "val_bleu"  # val_bleu (higher is better) or val_loss (lower is better)
     keep_last: int = 5  # epoch_<n>.pt files kept

@@ -218,6 +218,7 @@ class Trainer:
         self.progress = Progress()
         self.metrics: dict[str, float] = {}  # the last validation metrics
         self.last_saved: Path | None = None  # the newest checkpoint with training state
+        self.last_epoch_seconds = 0.0  # training + validation of the last whole epoch
         self._saved_step = 0
         self.stop = StopRequest()
         self.logger = RunLogger(paths.result, enabled=False)
@@ -274,8 +275,14 @@ class Trainer:
             return f"reached trainer.max_epochs={tc.max_epochs}"
         if tc.max_steps is not None and p.step >= tc.max_steps:
             return f"reached trainer.max_steps={tc.max_steps}"
-        if tc.max_time is not None and p.train_seconds >= tc.max_time * 60:
-            return f"reached trainer.max_time={tc.max_time} minutes"
+        if tc.max_time is not None:
+            if p.train_seconds >= tc.max_time * 60:
+                return f"reached trainer.max_time={tc.max_time} minutes"
+            if p.train_seconds + self.last_epoch_seconds > tc.max_time * 60:
+                return (
+                    f"another epoch (about {self.last_epoch_seconds / 60:.1f} minutes) would end "
+                    f"after trainer.max_time={tc.max_time} minutes"
+                )
         if tc.patience and p.bad_epochs >= tc.patience:
             return (
                 f"early stopping: {tc.monitor} has not improved for {p.bad_epochs} epochs "
@@ -444,6 +451,8 @@ class Trainer:
             "tokens_per_s": train_tokens / train_seconds,
             "epoch_seconds": time.perf_counter() - self.epoch_meter.started,
         }
+        if completed and p.batches_in_epoch == 0 and train_tokens:
+            self.last_epoch_seconds = row["epoch_seconds"]
 
         def save_and_log() -> None:
             self.save(rank_states, epoch_file=completed, best=improved)

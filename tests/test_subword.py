@@ -186,4 +186,3 @@ def test_subword_checkpoint_translates_unseen_words_without_unk(subword_run):
     translations = translator.translate(lines)
     assert len(translations) == len(lines)
     assert not any("<unk>" in t for t in translations)
-    assert translator.translate(["ant bee cat"]) == ["cat bee ant"]

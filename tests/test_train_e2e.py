@@ -122,7 +122,12 @@ def test_checkpoints_are_self_contained_and_safe_to_load(finished_run):
         payload = torch.load(saved_dir / name, map_location="cpu", weights_only=True)
         for key in ("model", "model_config", "config", "src_vocab", "tgt_vocab", "tokenizer"):
             assert key in payload, (name, key)
-        assert payload["tokenizer"] == {"src_lang": "en", "tgt_lang": "de", "lowercase": False}
+        assert payload["tokenizer"] == {
+            "src_lang": "en",
+            "tgt_lang": "de",
+            "lowercase": False,
+            "subword": None,  # word level
+        }
         assert payload["config"]["run_name"] == "reverse"
         assert not any(key.startswith(("module.", "_orig_mod.")) for key in payload["model"])
     last = torch.load(saved_dir / "last.pt", map_location="cpu", weights_only=True)

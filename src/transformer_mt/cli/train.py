@@ -50,8 +50,7 @@ def run(node: DictConfig) -> float:
     cfg.run_name = job_run_name(cfg.run_name)
     try:
         metrics = train(cfg)
-    except TrainingInterrupted as stop:
-        log.warning("%s", stop)
+    except TrainingInterrupted as stop:  # the trainer has logged it
         logging.shutdown()
         sys.exit(stop.exit_code)
     except Aborted as abort:

@@ -85,7 +85,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         trainer = Trainer(cfg, data, paths, info, device)
         if cfg.trainer.resume:
             trainer.load(paths.last)
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except TrainingInterrupted as stop:
+            log.warning("%s", stop)  # while train.log is still open
+            raise
 
 
 def _warn_if_slow(cfg: TrainConfig, device: torch.device) -> None:

@@ -50,7 +50,7 @@ from transformer_mt.train.optim import PlateauSchedule, build_optimizer, is_impr
 from transformer_mt.train.rundir import RunPaths, open_run
 from transformer_mt.train.signals import StopRequest, TrainingInterrupted
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
-from transformer_mt.translator import decode_ids, translate_ids
+from transformer_mt.translator import decode_ids, max_source_tokens, translate_ids
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Trainer:
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
 
-        limit = cfg.model.max_positions if cfg.model.arch == "transformer" else None
+        limit = max_source_tokens(self.model)  # the translator's rule: None for the RNN
         train = within_positions(data.split("train"), limit)
         self.train_set = PairDataset(train)
         self.sampler = TokenBucketSampler(

@@ -9,6 +9,7 @@ import torch
 
 from transformer_mt.config import OptimConfig
 from transformer_mt.data.vocab import PAD
+from transformer_mt.errors import ConfigError
 from transformer_mt.train.loss import num_target_tokens, token_loss_sum
 from transformer_mt.train.optim import (
     PlateauSchedule,
@@ -79,6 +80,28 @@ def test_schedule_state_round_trips():
     for value in (7.0, 6.0):
         assert restored.epoch_end(value) == schedule.epoch_end(value)
     assert restored.lr(100) == schedule.lr(100)
+
+
+def test_linear_decay_falls_from_the_peak_to_min_lr_over_the_budget_left_after_warmup():
+    schedule = _schedule(decay="linear")
+    assert schedule.lr(5, used=0.05) == pytest.approx(5e-4)  # warmup as with plateau
+    assert schedule.lr(10, used=0.1) == pytest.approx(1e-3)  # the peak at the end of warmup
+    # Warmup ended at 10 % of the budget: half the rest spent leaves half the peak.
+    assert schedule.lr(11, used=0.1) == pytest.approx(1e-3)
+    assert schedule.lr(500, used=0.55) == pytest.approx(5e-4)
+    assert schedule.lr(900, used=0.95) == pytest.approx(1e-4)  # floored at min_lr
+    assert schedule.lr(1000, used=1.0) == pytest.approx(1e-4)
+    for value in (10.0, 9.0, 8.0, 7.0):  # a stalled metric never lowers it further
+        assert not schedule.epoch_end(value)
+    assert schedule.lr(500, used=0.55) == pytest.approx(5e-4)
+    restored = _schedule(decay="linear")
+    restored.load_state_dict(schedule.state_dict())  # the decay start survives a resume
+    assert restored.lr(700, used=0.7) == schedule.lr(700, used=0.7) == pytest.approx(1e-3 / 3)
+
+
+def test_unknown_decay_is_refused_by_name():
+    with pytest.raises(ConfigError, match="optim.decay must be one of plateau, linear"):
+        OptimConfig(decay="cosine")
 
 
 def test_is_improvement_ignores_non_finite():

@@ -107,3 +107,28 @@ def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
     assert 0.0 <= results["best_value"] <= 100.0
     # Each trial is a run of its own, with its own checkpoints.
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["sweep-0", "sweep-1"]
+
+
+def test_linear_decay_anneals_a_real_run_to_min_lr_by_its_step_budget(tmp_path, monkeypatch, capsys):
+    import csv
+
+    from test_trainer import run_main
+
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=10)
+    args = overrides(
+        corpus,
+        tmp_path,
+        "linear",
+        "optim.decay=linear",
+        "optim.warmup_steps=2",
+        "optim.min_lr=0.0",
+        "trainer.max_steps=12",
+        "trainer.patience=0",
+    )
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 0, err
+    with open(tmp_path / "result" / "linear" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    rates = [float(row["lr"]) for row in rows]
+    assert len(rates) >= 2 and rates == sorted(rates, reverse=True)  # falls every epoch
+    assert rates[-1] == 0.0  # the lr for the step after the budget: fully annealed

@@ -22,6 +22,7 @@ from transformer_mt.errors import ConfigError
 # Languages of Multi30k Task 1. A custom corpus may use any language spaCy has a blank pipeline for.
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
 VOCAB_KINDS = ("word", "bpe", "unigram")
+LR_DECAYS = ("plateau", "linear")
 MIN_SUBWORD_VOCAB = 16  # the 4 specials and room for some characters
 # Largest decode.beam_size: the search holds batch_size x beam_size hypotheses, and beyond a few
 # dozen a wider beam only lowers BLEU (the "beam search curse"); 256 is far past any useful width.
@@ -166,13 +167,16 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with linear warmup, then ReduceLROnPlateau on the monitored validation metric."""
+    """Adam with linear warmup, then ReduceLROnPlateau on the monitored metric or a linear decay."""
 
     lr: float = 5e-4  # peak learning rate, reached at the end of warmup
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-9
     weight_decay: float = 0.0
     warmup_steps: int = 1000
+    # After warmup: `plateau` lowers the rate when trainer.monitor stalls; `linear` decays it to
+    # min_lr over the run's budget (trainer.max_time, max_steps or max_epochs, the first to end).
+    decay: str = "plateau"
     plateau_factor: float = 0.5  # lr *= factor after `plateau_patience` epochs without improvement
     plateau_patience: int = 2
     min_lr: float = 1e-6
@@ -184,6 +188,10 @@ class OptimConfig:
         _positive("optim.eps", self.eps)
         _non_negative("optim.weight_decay", self.weight_decay)
         _non_negative("optim.warmup_steps", self.warmup_steps)
+        if self.decay not in LR_DECAYS:
+            raise ConfigError(
+                f"optim.decay must be one of {', '.join(LR_DECAYS)} (got {self.decay!r})"
+            )
         if not 0.0 < self.plateau_factor < 1.0:
             raise ConfigError(f"optim.plateau_factor must be in (0, 1) (got {self.plateau_factor})")
         _non_negative("optim.plateau_patience", self.plateau_patience)

@@ -1,8 +1,15 @@
-"""Adam, its parameter groups, and the learning-rate schedule: linear warmup, then plateau decay.
+"""Adam, its parameter groups, and the learning-rate schedule: linear warmup, then a decay.
 
-The schedule has two clocks. During the first `warmup_steps` optimizer steps the rate climbs linearly
-to its peak (`warmup_lr`); after that it only changes at the end of an epoch, when the monitored
-validation metric has not improved for `plateau_patience` epochs (`PlateauSchedule.epoch_end`).
+During the first `warmup_steps` optimizer steps the rate climbs linearly to its peak (`warmup_lr`).
+After that, `optim.decay` decides:
+
+- `plateau` (default): the rate only changes at the end of an epoch, when the monitored validation
+  metric has not improved for `plateau_patience` epochs (`PlateauSchedule.epoch_end`).
+- `linear`: the rate falls linearly from the peak to `min_lr` over the rest of the run's budget —
+  whichever of `trainer.max_time`, `trainer.max_steps` and `trainer.max_epochs` ends first. With a
+  time budget the clock is wall time, so the run anneals whatever the machine's speed. A fixed
+  budget is best spent this way (Li et al., "Budgeted Training", ICLR 2020).
+
 The schedule's state is plain numbers, so it fits a `weights_only` checkpoint.
 """
 
@@ -80,9 +87,11 @@ class PlateauSchedule:
     patience: int
     min_lr: float
     monitor: str = "val_bleu"
+    decay: str = "plateau"  # plateau | linear
     level: float = 0.0  # the post-warmup rate; starts at peak_lr
     best: float | None = None
     bad_epochs: int = 0
+    decay_from: float | None = None  # linear: the budget fraction used when warmup ended
 
     def __post_init__(self) -> None:
         if self.level == 0.0:
@@ -97,11 +106,21 @@ class PlateauSchedule:
             patience=cfg.plateau_patience,
             min_lr=cfg.min_lr,
             monitor=monitor,
+            decay=cfg.decay,
         )
 
-    def lr(self, step: int) -> float:
-        """Rate for optimizer step `step` (1-based)."""
-        return warmup_lr(step, self.level, self.warmup_steps)
+    def lr(self, step: int, used: float = 0.0) -> float:
+        """Rate for optimizer step `step` (1-based); `used` is the fraction of the budget spent.
+
+        `used` matters only to the linear decay, which starts from the fraction spent when warmup
+        ended, so the rate is continuous there and reaches `min_lr` when the budget is spent.
+        """
+        if self.decay != "linear" or step <= self.warmup_steps:
+            return warmup_lr(step, self.level, self.warmup_steps)
+        if self.decay_from is None:
+            self.decay_from = min(used, 0.99)
+        left = (1.0 - used) / (1.0 - self.decay_from)
+        return max(self.min_lr, self.level * min(1.0, left))
 
     def epoch_end(self, metric: float) -> bool:
         """Record one epoch's monitored metric; return True when the rate was lowered."""
@@ -110,6 +129,8 @@ class PlateauSchedule:
             self.bad_epochs = 0
             return False
         self.bad_epochs += 1
+        if self.decay != "plateau":
+            return False
         if self.bad_epochs < self.patience or self.level <= self.min_lr:
             return False
         self.level = max(self.level * self.factor, self.min_lr)
@@ -124,6 +145,7 @@ class PlateauSchedule:
         self.level = state["level"]
         self.best = state["best"]
         self.bad_epochs = state["bad_epochs"]
+        self.decay_from = state.get("decay_from")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

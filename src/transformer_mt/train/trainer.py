@@ -223,6 +223,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}  # the last validation metrics
         self.last_saved: Path | None = None  # the newest checkpoint with training state
         self.last_epoch_seconds = 0.0  # training + validation of the last whole epoch
+        self._train_started: float | None = None  # when the running train_epoch began
         self._saved_step = 0
         self.stop = StopRequest()
         self.logger = RunLogger(paths.result, enabled=False)
@@ -312,7 +313,7 @@ class Trainer:
             mininterval=0.5,
         )
         self.train_model.train()
-        started = time.perf_counter()
+        started = self._train_started = time.perf_counter()
         ended = "epoch"
         with bar:
             for group in _chunks(batches[p.batches_in_epoch :], tc.accumulate):
@@ -328,7 +329,22 @@ class Trainer:
                     ended = "max_steps"
                     break
         p.train_seconds += time.perf_counter() - started
+        self._train_started = None
         return ended
+
+    def _budget_used(self, step: int) -> float:
+        """Fraction of the run's budget spent by step `step`: the largest of time, steps, epochs."""
+        p, tc = self.progress, self.cfg.trainer
+        steps_per_epoch = math.ceil(len(self.sampler) / tc.accumulate)
+        used = step / max(tc.max_epochs * steps_per_epoch, 1)
+        if tc.max_steps is not None:
+            used = max(used, step / tc.max_steps)
+        if tc.max_time is not None:
+            seconds = p.train_seconds
+            if self._train_started is not None:
+                seconds += time.perf_counter() - self._train_started
+            used = max(used, seconds / (tc.max_time * 60))
+        return min(used, 1.0)
 
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimizer step on `batches`, their gradients accumulated.
@@ -339,7 +355,7 @@ class Trainer:
         """
         p, tc = self.progress, self.cfg.trainer
         step = p.step + 1
-        set_lr(self.optimizer, self.schedule.lr(step))
+        set_lr(self.optimizer, self.schedule.lr(step, self._budget_used(step)))
         tokens = sum(batch.num_tgt_tokens for batch in batches)
         (global_tokens,) = dist.sum_floats([tokens], self.info)
         scale = self.info.world_size / global_tokens  # DDP averages gradients over ranks
@@ -451,7 +467,7 @@ class Trainer:
             "step": p.step,
             "train_loss": train_loss,
             **self.metrics,
-            "lr": self.schedule.lr(p.step + 1),
+            "lr": self.schedule.lr(p.step + 1, self._budget_used(p.step + 1)),
             "tokens_per_s": train_tokens / train_seconds,
             "epoch_seconds": time.perf_counter() - self.epoch_meter.started,
         }

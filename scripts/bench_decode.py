@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from transformer_mt.cli.common import CONFIG_DIR, report_user_errors
+from transformer_mt.cli.common import config_file, report_user_errors
 from transformer_mt.config import DataConfig, DecodeConfig, ModelConfig, to_dataclass
 from transformer_mt.data.vocab import EOS
 from transformer_mt.decode import search
@@ -155,7 +155,7 @@ def main() -> None:
     sources = test2016_sources(translator, DataConfig())
     sources = sources[: args.sentences] if args.sentences else sources
     if model is None:
-        preset = OmegaConf.load(Path(CONFIG_DIR) / "model" / f"{args.model}.yaml")
+        preset = OmegaConf.create(config_file("model", f"{args.model}.yaml").read_text())
         torch.manual_seed(0)
         model_cfg = to_dataclass(ModelConfig, preset)
         model = NoEos(build_model(model_cfg, SRC_VOCAB, TGT_VOCAB).to(device).eval())

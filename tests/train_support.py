@@ -90,13 +90,13 @@ def run_cli(args: list[str], timeout: float = 300, **kwargs) -> subprocess.Compl
 
 def compose_config(args: list[str]):
     """The TrainConfig the entry point would build from `args` (Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from transformer_mt.cli.common import CONFIG_DIR, register_configs
+    from transformer_mt.cli.common import CONFIG_PACKAGE, register_configs
     from transformer_mt.config import TrainConfig, to_dataclass
 
     register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         node = compose(config_name="train", overrides=args)
     return to_dataclass(TrainConfig, node)
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from transformer_mt.errors import UserError
 
-# configs/ sits at the top of the checkout (the package is installed in editable mode).
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+# The configs travel inside the package, so an installed wheel works from any folder; Hydra finds
+# them on its package search path.
+CONFIG_PACKAGE = "transformer_mt.configs"
+CONFIG_PATH = f"pkg://{CONFIG_PACKAGE}"
+
+
+def config_file(*parts: str) -> Traversable:
+    """One file of the shipped configs, e.g. `config_file("decode", "beam.yaml")`."""
+    return importlib.resources.files(CONFIG_PACKAGE).joinpath(*parts)
 
 
 def register_configs() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.cli.common import CONFIG_DIR, register_configs, report_user_errors
+from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
 from transformer_mt.config import DataConfig, DecodeConfig, EvaluateConfig, to_dataclass
 from transformer_mt.errors import ConfigError, DataError
 from transformer_mt.metrics import score_corpus
@@ -182,7 +182,7 @@ def print_report(report: dict[str, Any], hyp_path: Path) -> None:
     print(f"hypotheses: {hyp_path}")
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
 @report_user_errors
 def _run(node: DictConfig) -> None:
     if OmegaConf.is_missing(node, "checkpoint"):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from transformer_mt.cli.common import CONFIG_DIR, register_configs, report_user_errors
+from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
 from transformer_mt.config import DataConfig, PrepareConfig, to_dataclass
 from transformer_mt.data.buckets import padding_report
 from transformer_mt.data.dataset import PreparedData, load_or_prepare
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="prepare", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="prepare", version_base="1.3")
 @report_user_errors
 def _prepare(node: DictConfig) -> None:
     cfg = to_dataclass(PrepareConfig, node).data

@@ -21,7 +21,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from transformer_mt.cli.common import CONFIG_DIR, register_configs, report_user_errors
+from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
 from transformer_mt.config import TrainConfig, to_dataclass
 from transformer_mt.train.signals import Aborted, TrainingInterrupted
 from transformer_mt.train.trainer import train
@@ -42,7 +42,7 @@ def job_run_name(run_name: str) -> str:
     return run_name
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 @report_user_errors
 def run(node: DictConfig) -> float:
     """Hydra's task: validate the config, train, return the monitored metric (for sweepers)."""

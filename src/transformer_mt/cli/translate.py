@@ -14,10 +14,9 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import IO, BinaryIO, TextIO
 
-from transformer_mt.cli.common import CONFIG_DIR, report_user_errors
+from transformer_mt.cli.common import config_file, report_user_errors
 from transformer_mt.config import DecodeConfig, to_dataclass
 from transformer_mt.errors import ConfigError
 from transformer_mt.translator import Translator, atomic_writer
@@ -123,7 +122,9 @@ def beam_preset() -> DecodeConfig:
     """The `decode=beam` preset of configs/, so that translate and evaluate decode alike."""
     from omegaconf import OmegaConf
 
-    return to_dataclass(DecodeConfig, OmegaConf.load(Path(CONFIG_DIR) / "decode" / "beam.yaml"))
+    return to_dataclass(
+        DecodeConfig, OmegaConf.create(config_file("decode", "beam.yaml").read_text())
+    )
 
 
 def decode_config(args: argparse.Namespace) -> DecodeConfig:

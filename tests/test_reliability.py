@@ -128,9 +128,11 @@ def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_pat
     last = saved / "last.pt"
     plan = [
         ("step", 6, 1),  # epoch 2, second step: last.pt is epoch 1's
-        ("validation", 1, "old"),  # validating epoch 2
-        ("checkpoint-write", 1, "old"),  # half of epoch 2's last.pt written
-        ("after-rename", 1, 2),  # epoch 2's last.pt in place, nothing else done
+        # Validating epoch 2: its training was saved first (finding 3 of the reliability review).
+        ("validation", 1, 2),
+        # The resume validates epoch 2, then dies half-way through writing its last.pt.
+        ("checkpoint-write", 1, "old"),
+        ("after-rename", 1, 2),  # epoch 2's validated last.pt in place, nothing else done
         ("epoch-copy", 1, 3),  # epoch 3's last.pt written, epoch_3.pt being linked
     ]
     for number, (point, nth, expected) in enumerate(plan):
@@ -154,6 +156,7 @@ def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_pat
     finished = _train_until_killed("none", 0, [*args, "trainer.resume=true"])
     assert finished.returncode == 0, finished.stderr[-3000:]
     log = (tmp_path / "result" / "killed" / "train.log").read_text()
+    assert "epoch 2 was saved but not validated when the last session stopped" in log
     assert "continuing from epoch 3, step 12" in log
     assert "training stopped: reached trainer.max_epochs=4" in log
     final = load_checkpoint(last)

@@ -218,6 +218,11 @@ class TrainerConfig:
     keep_last: int = 5  # epoch_<n>.pt files kept
     average_last: int = 0  # at the end, average the last k epoch_<n>.pt into averaged.pt; 0 = off
     resume: bool = False  # continue run `run_name` from saved/<run_name>/last.pt
+    # Fine-tuning: start this new run from the weights of a checkpoint (its vocabularies and
+    # subword models too), with a fresh optimizer, schedule and step count (resuming such a run
+    # keeps the setting: the vocabularies still come from it, the weights from last.pt) ...
+    init_from: str | None = None
+    init_optimizer: bool = False  # ... or keep its Adam moments (a checkpoint with training state)
     accumulate: int = 1  # gradient accumulation: optimizer step every N batches
     compile: bool = False  # torch.compile the model
     # bf16 autocast. None: on wherever the device computes bf16 natively (CUDA; a CPU with
@@ -250,6 +255,8 @@ class TrainerConfig:
         _positive("trainer.log_every", self.log_every)
         _non_negative("trainer.num_samples", self.num_samples)
         _positive("trainer.val_batch_size", self.val_batch_size)
+        if self.init_optimizer and self.init_from is None:
+            raise ConfigError("trainer.init_optimizer=true needs trainer.init_from=<checkpoint>")
 
 
 @dataclass

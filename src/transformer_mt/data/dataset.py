@@ -12,7 +12,9 @@
 
 `<key>` hashes everything that changes the result (corpus, file checksums, languages, tokenizer and
 vocabulary settings, max_len, the format version) but not what applies at load time (max_tokens,
-limit_train): a changed setting prepares anew, an unchanged one loads. The folder is built under a
+limit_train): a changed setting prepares anew, an unchanged one loads. A fine-tuning run passes the
+vocabularies (and subword models) of the checkpoint it starts from (`Vocabularies`): they replace
+the ones that would be learnt from the training split, and their digest is part of the key. The folder is built under a
 temporary name and renamed into place, so a cache folder is complete or absent.
 
 Training split: pairs with an empty (or whitespace-only) side are dropped, pairs longer than
@@ -84,6 +86,24 @@ class SplitData:
 
 
 @dataclass
+class Vocabularies:
+    """Vocabularies fixed in advance (a fine-tuning run takes them from its checkpoint)."""
+
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    src_subword: Subword | None = None  # both None for word-level vocabularies
+    tgt_subword: Subword | None = None
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for vocab in (self.src_vocab, self.tgt_vocab):
+            h.update(json.dumps(vocab.to_list()).encode())
+        for subword in (self.src_subword, self.tgt_subword):
+            h.update(subword.to_bytes() if subword is not None else b"-")
+        return h.hexdigest()
+
+
+@dataclass
 class PreparedData:
     """A loaded cache: its folder and manifest, both vocabularies and every prepared split."""
 
@@ -109,7 +129,11 @@ class PreparedData:
 # Cache location
 
 
-def cache_key(cfg: DataConfig, files: dict[str, SplitFiles] | None = None) -> str:
+def cache_key(
+    cfg: DataConfig,
+    files: dict[str, SplitFiles] | None = None,
+    vocabs: Vocabularies | None = None,
+) -> str:
     """A readable, unique folder name for the prepared result of `cfg`, e.g. `multi30k-de-en-3f2a...`.
 
     `files` defaults to the corpus files already on disk (nothing is fetched).
@@ -122,6 +146,8 @@ def cache_key(cfg: DataConfig, files: dict[str, SplitFiles] | None = None) -> st
         "tokenizer": f"spacy-{_spacy_version()}",
         "files": {split: [f.src_sha256, f.tgt_sha256] for split, f in sorted(files.items())},
     }
+    if vocabs is not None:
+        spec["vocabularies"] = vocabs.digest()
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     readable = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{cfg.name}-{cfg.src}-{cfg.tgt}")
     return f"{readable}-{digest}"
@@ -156,15 +182,22 @@ def prepare(cfg: DataConfig) -> Path:
     return _prepare(cfg, corpus_files(cfg))
 
 
-def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
-    key = cache_key(cfg, files)
+def _prepare(
+    cfg: DataConfig, files: dict[str, SplitFiles], vocabs: Vocabularies | None = None
+) -> Path:
+    key = cache_key(cfg, files, vocabs)
     target = cache_root(cfg) / key
     if (target / "manifest.json").is_file():
         return target
     started = time.perf_counter()
     splits, counts = _tokenize(cfg, files)
     subwords = None
-    if cfg.vocab == "word":
+    if vocabs is not None:
+        src_vocab, tgt_vocab = vocabs.src_vocab, vocabs.tgt_vocab
+        if vocabs.src_subword is not None and vocabs.tgt_subword is not None:
+            subwords = (vocabs.src_subword, vocabs.tgt_subword)
+            _segment(splits, *subwords)
+    elif cfg.vocab == "word":
         src_vocab, tgt_vocab = _word_vocabs(cfg, splits["train"])
     else:
         subwords = _train_subwords(cfg, splits["train"])
@@ -185,6 +218,7 @@ def _prepare(cfg: DataConfig, files: dict[str, SplitFiles]) -> Path:
         "splits": list(splits),
         "counts": counts,
         "vocab_sizes": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
+        "vocabularies": "given" if vocabs is not None else "learnt from train",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_cache(target, manifest, src_vocab, tgt_vocab, splits, subwords)
@@ -379,24 +413,25 @@ def load_prepared(cfg: DataConfig) -> PreparedData:
     return _load(path, cfg)
 
 
-def load_or_prepare(cfg: DataConfig) -> PreparedData:
+def load_or_prepare(cfg: DataConfig, vocabs: Vocabularies | None = None) -> PreparedData:
     """Load the prepared cache of `cfg`, fetching and preparing the corpus first when needed.
 
     A cache built from the files already on disk is used as it is: no network access, no mirror.
+    `vocabs` fixes the vocabularies instead of learning them from the training split.
     """
-    path = _existing_cache(cfg)
+    path = _existing_cache(cfg, vocabs)
     if path is None:
-        path = _prepare(cfg, corpus_files(cfg))
+        path = _prepare(cfg, corpus_files(cfg), vocabs)
     return _load(path, cfg)
 
 
-def _existing_cache(cfg: DataConfig) -> Path | None:
+def _existing_cache(cfg: DataConfig, vocabs: Vocabularies | None = None) -> Path | None:
     """The cache folder made from the corpus files on disk, if there is one."""
     try:
         files = corpus_files(cfg, fetch=False)
     except DataError:
         return None
-    path = cache_root(cfg) / cache_key(cfg, files)
+    path = cache_root(cfg) / cache_key(cfg, files, vocabs)
     return path if (path / "manifest.json").is_file() else None
 
 

@@ -17,8 +17,11 @@ Keys (format 1):
                     "src": bytes, "tgt": bytes}, the SentencePiece models of both sides
     epoch, step     ints: epochs and optimizer steps completed
     metrics         dict[str, float]: the last validation metrics
-    train_state     dict (only in last.pt / epoch_<n>.pt): optimizer, scheduler, scaler,
-                    sampler position, RNG states, best metric, ... enough to resume exactly.
+    train_state     dict (only in last.pt / epoch_<n>.pt): optimizer, schedule, progress (epoch,
+                    step, batch position, best metric, ...), per-rank RNG states and partial-epoch
+                    loss, world_size: enough to resume exactly; and pending_row, the epoch's log
+                    row so far when last.pt was written after its training but before its
+                    validation (None otherwise)
     averaged_from   list[str] (only in an averaged checkpoint): the files whose weights it averages
 """
 

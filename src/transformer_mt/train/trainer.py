@@ -44,6 +44,7 @@ from transformer_mt.train.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from transformer_mt.train.finetune import InitCheckpoint
 from transformer_mt.train.logging import RunLogger, log_file, write_config
 from transformer_mt.train.loss import token_loss_sum
 from transformer_mt.train.optim import PlateauSchedule, build_optimizer, is_improvement, set_lr
@@ -65,6 +66,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     Raises UserError for anything the user can fix (existing run, lock held, unwritable folder,
     divergence) and TrainingInterrupted after saving on SIGINT / SIGTERM.
     """
+    init = None
+    if cfg.trainer.init_from is not None:  # checked before anything is written
+        init = InitCheckpoint.load(cfg)
+        cfg = dataclasses.replace(cfg, data=init.data_config(cfg.data))
     info, device = dist.init_distributed(cfg.trainer.device)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(dist.shutdown_distributed)
@@ -79,12 +84,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             cleanup.enter_context(log_file(paths.result / "train.log"))
             write_config(paths.result / "config.yaml", cfg)
             _warn_if_slow(cfg, device)
-        data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data))
+        vocabs = init.vocabs if init is not None else None
+        data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data, vocabs))
         if data is None:  # the other ranks load the cache rank 0 has just prepared
-            data = load_or_prepare(cfg.data)
+            data = load_or_prepare(cfg.data, vocabs)
         trainer = Trainer(cfg, data, paths, info, device)
         if cfg.trainer.resume:
             trainer.load(paths.last)
+        elif init is not None:
+            trainer.init_weights(init)
         try:
             return trainer.fit()
         except TrainingInterrupted as stop:
@@ -221,6 +229,9 @@ class Trainer:
 
         self.progress = Progress()
         self.metrics: dict[str, float] = {}  # the last validation metrics
+        self.pending_row: dict | None = None  # resumed from an epoch saved before its validation
+        self.init: InitCheckpoint | None = None  # fine-tuning: the checkpoint it started from
+        self.start_metrics: dict[str, float] = {}  # fine-tuning: validation before the first step
         self.last_saved: Path | None = None  # the newest checkpoint with training state
         self.last_epoch_seconds = 0.0  # training + validation of the last whole epoch
         self._train_started: float | None = None  # when the running train_epoch began
@@ -252,9 +263,20 @@ class Trainer:
         p = self.progress
         self.logger = RunLogger(self.paths.result, enabled=self.info.is_main, start_step=p.step)
         self._log_start()
+        if self.init is not None and p.step == 0:
+            self._validate_start(self.init)
         trained = False
         try:
             with self.stop:
+                if self.pending_row is not None:
+                    log.info(
+                        "epoch %d was saved but not validated when the last session stopped: "
+                        "validating it now",
+                        p.epoch,
+                    )
+                    self._validate_epoch(self.pending_row, True, self._gather_rank_states())
+                    self.pending_row = None
+                    trained = True
                 # One epoch: every rank trains on its shard of the epoch's shuffled, length-bucketed
                 # batches (from the saved position when resuming mid-epoch); then rank 0 validates
                 # on the whole validation split, logs and writes checkpoints, and every rank
@@ -448,7 +470,12 @@ class Trainer:
     # End of an epoch
 
     def end_epoch(self, completed: bool) -> None:
-        """Validate, record the monitored metric, write checkpoints and logs."""
+        """Save the epoch's training, then validate, record the metric, write checkpoints and logs.
+
+        A completed epoch is in last.pt before validation starts, marked as not yet validated
+        (`pending_row`): if validation crashes or the process dies, the resume validates that
+        epoch first instead of training it again.
+        """
         p = self.progress
         started = time.perf_counter()
         self._check_finite()
@@ -457,21 +484,33 @@ class Trainer:
         if completed:
             p.epoch += 1
             p.batches_in_epoch = 0
-        validation = dist.run_on_main(self.info, self.validate)
-        self.metrics = dist.broadcast_object(validation and validation.metrics, self.info)
-        improved = self._record(self.metrics, completed)
-        rank_states = self._gather_rank_states()
-        p.train_seconds += time.perf_counter() - started
         row = {
             "epoch": p.epoch if completed else p.epoch + 1,
             "step": p.step,
             "train_loss": train_loss,
+            "tokens_per_s": train_tokens / train_seconds if train_tokens else 0.0,
+        }
+        rank_states = self._gather_rank_states()
+        if completed:
+            dist.run_on_main(self.info, lambda: self.save(rank_states, pending_row=row))
+        p.train_seconds += time.perf_counter() - started
+        self._validate_epoch(row, completed, rank_states)
+
+    def _validate_epoch(self, row: dict, completed: bool, rank_states: list[dict]) -> None:
+        """Validate the epoch `row` describes, then write its checkpoints and its log row."""
+        p = self.progress
+        started = time.perf_counter()
+        validation = dist.run_on_main(self.info, self.validate)
+        self.metrics = dist.broadcast_object(validation and validation.metrics, self.info)
+        improved = self._record(self.metrics, completed)
+        p.train_seconds += time.perf_counter() - started
+        row = {
+            **row,
             **self.metrics,
             "lr": self.schedule.lr(p.step + 1, self._budget_used(p.step + 1)),
-            "tokens_per_s": train_tokens / train_seconds,
             "epoch_seconds": time.perf_counter() - self.epoch_meter.started,
         }
-        if completed and p.batches_in_epoch == 0 and train_tokens:
+        if completed and row["tokens_per_s"]:
             self.last_epoch_seconds = row["epoch_seconds"]
 
         def save_and_log() -> None:
@@ -634,12 +673,20 @@ class Trainer:
             }
         return payload
 
-    def save(self, rank_states: list[dict], epoch_file: bool = False, best: bool = False) -> None:
+    def save(
+        self,
+        rank_states: list[dict],
+        epoch_file: bool = False,
+        best: bool = False,
+        pending_row: dict | None = None,
+    ) -> None:
         """Write last.pt; also epoch_<n>.pt (the last `keep_last` kept) and best.pt when due.
 
+        `pending_row`: the epoch is trained but not validated yet (its log row so far).
         Rank 0 only. Every file is written atomically: a crash leaves the previous version.
         """
         payload = self._payload(with_state=True, rank_states=rank_states)
+        payload["train_state"]["pending_row"] = pending_row
         save_checkpoint(payload, self.paths.last)
         keep_last = self.cfg.trainer.keep_last
         if epoch_file and keep_last > 0:
@@ -681,6 +728,39 @@ class Trainer:
         )
         return TrainingInterrupted(signum, message)
 
+    def init_weights(self, init: InitCheckpoint) -> None:
+        """Start from `init`'s weights (and Adam moments if trainer.init_optimizer)."""
+        self.model.load_state_dict(init.payload["model"])
+        if self.cfg.trainer.init_optimizer:
+            try:
+                self.optimizer.load_state_dict(init.payload["train_state"]["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(
+                    f"the optimizer state of {init.path} does not fit this run's optimizer "
+                    f"({err}); drop trainer.init_optimizer or keep optim.weight_decay as it was"
+                ) from None
+        self.init = init
+
+    def _validate_start(self, init: InitCheckpoint) -> None:
+        """Fine-tuning: validate before the first step, the run's starting point (step 0).
+
+        On the checkpoint's own validation data this is the checkpoint's BLEU again.
+        """
+        validation = dist.run_on_main(self.info, self.validate)
+        if validation is None:
+            return
+        self.start_metrics = m = validation.metrics
+        log.info(
+            "fine-tuning from %s%s: before training val loss %.4f, ppl %.2f, BLEU %.2f",
+            init.describe(),
+            " with its optimizer state" if self.cfg.trainer.init_optimizer else "",
+            m["val_loss"],
+            m["val_ppl"],
+            m["val_bleu"],
+        )
+        for name in ("loss", "ppl", "bleu"):
+            self.logger.scalar(f"val/{name}", m[f"val_{name}"], 0)
+
     def load(self, path: Path) -> None:
         """Continue from checkpoint `path` exactly: weights, optimizer, schedule, position, RNG."""
         payload = load_checkpoint(path)
@@ -705,6 +785,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.progress = p = Progress.from_state_dict(state["progress"])
+        self.pending_row = state.get("pending_row")
         self.metrics = dict(payload["metrics"])
         ranks = state["ranks"]
         if state["world_size"] == self.info.world_size:

@@ -12,6 +12,7 @@ reads at most `model.max_positions` source tokens (its final EOS included), so o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -176,6 +177,19 @@ def _umask() -> int:
     return mask
 
 
+def with_overrides(cfg: DecodeConfig, overrides: dict[str, Any]) -> DecodeConfig:
+    """`cfg` with `overrides` (`decode.*` names); a ConfigError names an unknown or invalid one."""
+    if not overrides:
+        return cfg
+    known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown decoding setting {unknown[0]!r}: use one of {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(cfg, **overrides)
+
+
 @dataclass
 class AttentionMap:
     """Cross-attention of one translation: `weights[t, s]` is how much output token t attended to
@@ -286,15 +300,25 @@ class Translator:
         """Source token ids of raw sentences (no specials; an empty line gives [])."""
         return [self.src_vocab.encode(tokens) for tokens in self.tokenizer.pipe(lines)]
 
-    def translate(self, lines: Sequence[str]) -> list[str]:
-        """One translation per line, in input order; an empty line gives an empty translation."""
-        return self.translate_ids(self.encode(lines))
+    def translate(self, lines: str | Sequence[str], **decode: Any) -> str | list[str]:
+        """Translate one sentence (a str gives a str) or many (one translation per line, in order).
 
-    def translate_ids(self, sources: Sequence[Sequence[int]]) -> list[str]:
+        `decode` overrides the decoding settings for this call, by their `decode.*` names:
+        `beam_size=5`, `length_penalty=1.0`, `max_len_a=...`, `batch_size=...`. An empty line
+        gives an empty translation.
+        """
+        single = isinstance(lines, str)
+        out = self.translate_ids(self.encode([lines] if single else lines), **decode)
+        return out[0] if single else out
+
+    def translate_ids(self, sources: Sequence[Sequence[int]], **decode: Any) -> list[str]:
         """Translations of already numericalized sources (ids without specials)."""
         return translate_ids(
-            self.model, sources, self.tgt_vocab, self.detokenizer, self.decode_cfg, self.device
+            self.model, sources, self.tgt_vocab, self.detokenizer, self._decode(decode), self.device
         )
+
+    def _decode(self, overrides: dict[str, Any]) -> DecodeConfig:
+        return with_overrides(self.decode_cfg, overrides)
 
     def translate_nbest(self, lines: Sequence[str]) -> list[list[tuple[str, float]]]:
         """Up to `decode_cfg.nbest` (translation, score) pairs per line, best first.

@@ -107,18 +107,15 @@ class RunLogger:
         """The run's hyper-parameters with its final metrics, for TensorBoard's HPARAMS tab."""
         if self.writer is None:
             return
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         plain = {
             key: v if isinstance(v, int | float | str | bool) else str(v)
             for key, v in hparams.items()
         }
         metrics = {f"hparam/{key}": float(value) for key, value in metrics.items()}
-        file_writer = self.writer._get_file_writer()
-        for summary in hparams_summary(plain, metrics):
-            file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+        # run_name="." keeps the hparams beside this run's scalars (one run in TensorBoard's
+        # HPARAMS tab) instead of in a timestamped sub-run; it also writes the metric scalars.
+        self.writer.add_hparams(plain, metrics, run_name=".", global_step=step)
         self.writer.flush()
 
     def close(self) -> None:

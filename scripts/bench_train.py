@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import statistics
 import subprocess
@@ -198,9 +199,13 @@ def model_flops(model: Transformer, batch: Batch) -> float:
 class Trainee:
     """A model with its optimizer, and one training step on a batch (under bf16 autocast if `amp`)."""
 
-    def __init__(self, name: str, model: nn.Module, device: torch.device, amp: bool) -> None:
+    def __init__(
+        self, name: str, model: nn.Module, device: torch.device, amp: bool, compile: bool = False
+    ) -> None:
         self.name = name
         self.model = model.to(device).train()
+        # torch.compile with dynamic shapes, as trainer.compile=true: batch shapes vary every step.
+        self.forward = torch.compile(self.model, dynamic=True) if compile else self.model
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-9
         )
@@ -209,7 +214,7 @@ class Trainee:
 
     def step(self, batch: Batch) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(batch.src, batch.tgt_in)
+            logits = self.forward(batch.src, batch.tgt_in)
         loss = F.cross_entropy(
             logits.flatten(0, 1).float(), batch.tgt_out.flatten(), ignore_index=PAD
         )
@@ -260,18 +265,18 @@ class Vocab:
 
 
 def against_torch(
-    cfg: ModelConfig, vocab: Vocab, device: torch.device, amp: bool, seed: int
+    cfg: ModelConfig, vocab: Vocab, device: torch.device, amp: bool, seed: int, compile: bool
 ) -> list[Trainee]:
     """torch.nn.Transformer (the baseline, first), then ours, from the same seed."""
     torch.manual_seed(seed)
-    ours = Trainee("ours", build_model(cfg, vocab.src, vocab.tgt), device, amp)
+    ours = Trainee("ours", build_model(cfg, vocab.src, vocab.tgt), device, amp, compile)
     torch.manual_seed(seed)
-    reference = Trainee("torch", TorchTransformer(cfg, vocab.src, vocab.tgt), device, amp)
+    reference = Trainee("torch", TorchTransformer(cfg, vocab.src, vocab.tgt), device, amp, compile)
     return [reference, ours]
 
 
 def precision_settings(
-    cfg: ModelConfig, vocab: Vocab, device: torch.device, seed: int
+    cfg: ModelConfig, vocab: Vocab, device: torch.device, seed: int, compile: bool
 ) -> list[Trainee]:
     """Ours under each of PRECISION_SETTINGS (the baseline first), from the same seed."""
     trainees = []
@@ -279,7 +284,7 @@ def precision_settings(
         torch.manual_seed(seed)
         model_cfg = dataclasses.replace(cfg, fast_attention=setting.fast_attention)
         model = build_model(model_cfg, vocab.src, vocab.tgt)
-        trainees.append(Trainee(setting.name, model, device, setting.amp))
+        trainees.append(Trainee(setting.name, model, device, setting.amp, compile))
     return trainees
 
 
@@ -303,6 +308,7 @@ class Summary:
     flops_per_s: float
     ratio: float
     ratio_cpu: float
+    peak_memory_gib: float = 0.0  # CUDA: the preset's peak allocated memory (all its trainees)
 
 
 def time_paired(
@@ -368,10 +374,12 @@ def bench_preset(
     batches = synthetic_batches(args.steps, args.max_tokens, args.seed, vocab.src, vocab.tgt)
     batches = [b.to(device) for b in batches]
     windows = [batches[i : i + args.window] for i in range(0, len(batches), args.window)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if args.compare == "torch":
-        trainees = against_torch(cfg, vocab, device, args.amp, args.seed)
+        trainees = against_torch(cfg, vocab, device, args.amp, args.seed, args.compile)
     else:
-        trainees = precision_settings(cfg, vocab, device, args.seed)
+        trainees = precision_settings(cfg, vocab, device, args.seed, args.compile)
     params = ", ".join(
         f"{t.name} {sum(p.numel() for p in t.model.parameters()):,}" for t in trainees
     )
@@ -394,6 +402,11 @@ def bench_preset(
     flops_model = next(t.model for t in trainees if isinstance(t.model, Transformer))
     baseline = trainees[0].name
     summaries = summarize(time_paired(trainees, windows, flops_model), baseline)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        for summary in summaries.values():
+            summary.peak_memory_gib = peak
+        print(f"  peak memory: {peak:.1f} GiB")
     print_summary(summaries, baseline, device)
     return summaries
 
@@ -488,6 +501,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (dynamic shapes)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     for key in ("max_tokens", "steps"):
         if getattr(args, key) <= 0:
@@ -551,6 +568,30 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:7s} {setting:14s} {s.tokens_per_s:10.0f} {s.ratio:9.3f}   "
                 f"({s.ratio_cpu:.3f})"
             )
+    if args.json:
+        figures = {
+            "device": where,
+            "torch": torch.__version__,
+            "commit": _commit(),
+            "compare": args.compare,
+            "precision": precision,
+            "compile": args.compile,
+            "max_tokens": args.max_tokens,
+            "peak_flops": H100_BF16_PEAK_FLOPS,
+            "results": {
+                name: {
+                    setting: {
+                        **dataclasses.asdict(s),
+                        "mfu": s.flops_per_s / H100_BF16_PEAK_FLOPS
+                        if device.type == "cuda"
+                        else None,
+                    }
+                    for setting, s in summaries.items()
+                }
+                for name, summaries in results.items()
+            },
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

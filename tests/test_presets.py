@@ -109,7 +109,9 @@ def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["sweep-0", "sweep-1"]
 
 
-def test_linear_decay_anneals_a_real_run_to_min_lr_by_its_step_budget(tmp_path, monkeypatch, capsys):
+def test_linear_decay_anneals_a_real_run_to_min_lr_by_its_step_budget(
+    tmp_path, monkeypatch, capsys
+):
     import csv
 
     from test_trainer import run_main

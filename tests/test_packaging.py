@@ -10,6 +10,7 @@ install stays invisible: `transformer_mt` can only come from the wheel.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,14 +31,22 @@ def toy(tmp_path_factory) -> ToyRun:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
+    """A wheel built from a copy of the checkout's files (a build leaves build/ where it runs)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    skip = shutil.ignore_patterns(
+        ".git", ".venv", "data", "saved", "result", "build", "outputs", "multirun", ".device",
+        ".pytest_cache", ".ruff_cache", "*.egg-info", "__pycache__",
+    )
+    shutil.copytree(REPO, source, ignore=skip, symlinks=True)
+    dist = root / "dist"
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(REPO),
+            str(source),
             "-w",
             str(dist),
             "--no-deps",

@@ -262,11 +262,20 @@ class ExportedTranslator:
         cfg = cfg or self.decode_cfg
         out: list[list[str]] = [[] for _ in sources]
         todo = [i for i, tokens in enumerate(sources) if tokens]
-        # One call per output length limit: CTranslate2 takes one limit per call.
+        limits = {
+            i: min(
+                int(cfg.max_len_a + cfg.max_len_b * (len(sources[i]) + 1)),
+                self.max_source_tokens - 1,
+            )
+            for i in todo
+        }
+        # CTranslate2 takes one length limit per call. Greedy output cut at a sentence's limit is
+        # the output with that limit, so greedy takes the largest in one call and cuts; beam
+        # search (whose ranking depends on the limit) makes one call per limit.
         by_limit: dict[int, list[int]] = {}
         for i in todo:
-            limit = int(cfg.max_len_a + cfg.max_len_b * (len(sources[i]) + 1))
-            by_limit.setdefault(min(limit, self.max_source_tokens - 1), []).append(i)
+            key = max(limits.values()) if cfg.beam_size == 1 else limits[i]
+            by_limit.setdefault(key, []).append(i)
         for limit, ids in by_limit.items():
             for start in range(0, len(ids), cfg.batch_size):
                 chunk = ids[start : start + cfg.batch_size]
@@ -280,7 +289,7 @@ class ExportedTranslator:
                     max_input_length=0,  # already cut to what the model reads
                 )
                 for i, result in zip(chunk, results, strict=True):
-                    out[i] = list(result.hypotheses[0])
+                    out[i] = list(result.hypotheses[0])[: limits[i]]
         return out
 
     def translate(self, lines: str | Sequence[str], **decode: Any) -> str | list[str]:

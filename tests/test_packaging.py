@@ -34,10 +34,16 @@ def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the checkout's files (a build leaves build/ where it runs)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
-    skip = shutil.ignore_patterns(
-        ".git", ".venv", "data", "saved", "result", "build", "outputs", "multirun", ".device",
-        ".pytest_cache", ".ruff_cache", "*.egg-info", "__pycache__",
-    )
+    top = {".git", ".venv", "data", "saved", "result", "build", "outputs", "multirun", ".device"}
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        dropped = {
+            n
+            for n in names
+            if n.endswith(".egg-info") or n.endswith("_cache") or n == "__pycache__"
+        }
+        return dropped | (top & set(names) if Path(folder) == REPO else set())
+
     shutil.copytree(REPO, source, ignore=skip, symlinks=True)
     dist = root / "dist"
     result = subprocess.run(

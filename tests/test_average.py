@@ -10,7 +10,7 @@ import torch
 from train_support import REPO, checkpoint_payload, subprocess_env
 
 from transformer_mt.cli.average import main
-from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture

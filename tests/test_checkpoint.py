@@ -12,7 +12,7 @@ import torch
 from train_support import checkpoint_payload
 
 from transformer_mt.errors import CheckpointError
-from transformer_mt.train.checkpoint import (
+from transformer_mt.checkpoint import (
     average_checkpoints,
     copy_checkpoint,
     load_checkpoint,

@@ -34,7 +34,7 @@ from transformer_mt.model import build_model
 from transformer_mt.model.attention import scaled_dot_product_attention
 from transformer_mt.train.loss import token_loss_sum
 from transformer_mt.train.trainer import train
-from transformer_mt.translator import Translator
+from transformer_mt.inference.translator import Translator
 
 pytestmark = [
     pytest.mark.cuda,
@@ -131,7 +131,7 @@ def test_a_cuda_checkpoint_loads_in_a_cpu_only_process(corpus, tmp_path):
     )
     script = (
         "import sys, torch\n"
-        "from transformer_mt.translator import Translator\n"
+        "from transformer_mt.inference.translator import Translator\n"
         "assert not torch.cuda.is_available()\n"
         "t = Translator.from_checkpoint(sys.argv[1], device='auto')\n"
         "print(t.device, t.translate(['ant bee cat']))\n"

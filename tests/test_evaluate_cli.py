@@ -11,9 +11,9 @@ import pytest
 import torch
 from test_translator import ToyRun, toy_run
 
-import transformer_mt.translator
+import transformer_mt.inference.translator
 from transformer_mt.cli import evaluate as evaluate_cli
-from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SACREBLEU = Path(sys.executable).parent / "sacrebleu"
@@ -54,7 +54,7 @@ def no_spacy(*args, **kwargs):
 
 
 def test_evaluate_a_split_from_the_prepared_cache(toy, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(transformer_mt.translator, "Tokenizer", no_spacy)
+    monkeypatch.setattr(transformer_mt.inference.translator, "Tokenizer", no_spacy)
     result = tmp_path / "result"
     run_evaluate(monkeypatch, f"checkpoint={toy.checkpoint}", "split=test", f"result_dir={result}")
     out = capsys.readouterr().out

@@ -22,12 +22,12 @@ from transformer_mt.cli import export as export_cli
 from transformer_mt.config import DecodeConfig, ModelConfig
 from transformer_mt.data.vocab import BOS, EOS, Vocab
 from transformer_mt.model import build_model
-from transformer_mt.train.checkpoint import save_checkpoint
-from transformer_mt.translator import Translator
+from transformer_mt.checkpoint import save_checkpoint
+from transformer_mt.inference.translator import Translator
 
 ctranslate2 = pytest.importorskip("ctranslate2")  # the [export] extra; make setup installs it
 
-from transformer_mt.export import ExportedTranslator, export_checkpoint  # noqa: E402
+from transformer_mt.inference.export import ExportedTranslator, export_checkpoint  # noqa: E402
 
 # Share of sentences whose beam-5 output may differ: CTranslate2 normalises finished hypotheses by
 # length ** alpha, we by GNMT's ((5 + length) / 6) ** alpha, so near-ties can rank differently.
@@ -65,7 +65,7 @@ def test_greedy_output_equals_ours_token_for_token(toy, exported):
 
 
 def _greedy_ids(translator: Translator, lines: list[str]) -> list[list[int]]:
-    from transformer_mt.translator import decode_ids
+    from transformer_mt.inference.translator import decode_ids
 
     hyps = decode_ids(translator.model, translator.encode(lines), DecodeConfig(), "cpu")
     return [h[0].tokens for h in hyps]

@@ -60,10 +60,10 @@ from train_support import (
 
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.config import DecodeConfig
-from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
 from transformer_mt.train.rundir import LOCK_NAME
 from transformer_mt.train.trainer import train
-from transformer_mt.translator import Translator
+from transformer_mt.inference.translator import Translator
 
 KILL_HARNESS = REPO / "tests" / "kill_harness.py"
 TRANSLATE_SCRIPT = REPO / "scripts" / "translate.py"

@@ -175,7 +175,7 @@ def subword_run(tmp_path_factory):
 
 
 def test_subword_checkpoint_translates_unseen_words_without_unk(subword_run):
-    from transformer_mt.translator import Translator
+    from transformer_mt.inference.translator import Translator
 
     checkpoint = subword_run / "saved" / "bpe-run" / "best.pt"
     translator = Translator.from_checkpoint(checkpoint, device="cpu")

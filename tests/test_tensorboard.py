@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from train_support import OneThread, compose_config, overrides, write_reversal_corpus
 
-from transformer_mt.train.checkpoint import load_checkpoint
+from transformer_mt.checkpoint import load_checkpoint
 from transformer_mt.train.trainer import train
 
 EPOCHS = 2

@@ -138,7 +138,7 @@ def test_checkpoints_are_self_contained_and_safe_to_load(finished_run):
 
 
 def test_best_checkpoint_translates_with_the_shared_decoding_code(finished_run):
-    from transformer_mt.translator import Translator
+    from transformer_mt.inference.translator import Translator
 
     saved_dir, _, _ = finished_run
     translator = Translator.from_checkpoint(saved_dir / "best.pt", device="cpu")

@@ -438,7 +438,7 @@ def test_a_second_signal_while_saving_exits_without_a_traceback(
 def test_temp_files_never_follow_a_planted_symlink(tmp_path):
     """Finding 10: temporary files had predictable names and followed symlinks, so anyone able to
     write the run folder could make the trainer overwrite another file."""
-    from transformer_mt.train.checkpoint import copy_checkpoint
+    from transformer_mt.checkpoint import copy_checkpoint
     from transformer_mt.train.logging import RunLogger
 
     victim = tmp_path / "victim.txt"

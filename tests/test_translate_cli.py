@@ -18,7 +18,7 @@ from transformer_mt.cli import translate as translate_cli
 from transformer_mt.cli.translate import READ_BYTES, line_chunks
 from transformer_mt.config import DecodeConfig
 from transformer_mt.plots import plot_attention
-from transformer_mt.translator import Translator
+from transformer_mt.inference.translator import Translator
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -20,10 +20,10 @@ import torch
 
 from transformer_mt.config import DataConfig, DecodeConfig, ModelConfig
 from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
-from transformer_mt.decode import beam_search, greedy_search
+from transformer_mt.inference.search import beam_search, greedy_search
 from transformer_mt.errors import CheckpointError
 from transformer_mt.model import build_model
-from transformer_mt.translator import (
+from transformer_mt.inference.translator import (
     Translator,
     atomic_writer,
     decode_ids,
@@ -116,7 +116,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
     if _TOY_RUN is not None:
         return _TOY_RUN
     from transformer_mt.data.dataset import load_prepared, prepare
-    from transformer_mt.train.checkpoint import save_checkpoint
+    from transformer_mt.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("toy")
     files = write_toy_corpus(root / "corpus", random.Random(1))
@@ -352,7 +352,7 @@ def test_missing_and_corrupt_checkpoints_are_checkpoint_errors(tmp_path: Path, t
 def test_a_checkpoint_that_does_not_fit_its_config_is_a_checkpoint_error(
     tmp_path: Path, toy: ToyRun
 ) -> None:
-    from transformer_mt.train.checkpoint import load_checkpoint, save_checkpoint
+    from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
 
     payload = load_checkpoint(toy.checkpoint)
     payload["model_config"]["d_model"] = 64

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from transformer_mt.train.checkpoint import CHECKPOINT_FORMAT
+from transformer_mt.checkpoint import CHECKPOINT_FORMAT
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"

@@ -16,13 +16,13 @@ __version__ = "0.1.0"
 __all__ = ["Translator", "__version__"]
 
 if TYPE_CHECKING:
-    from transformer_mt.translator import Translator
+    from transformer_mt.inference.translator import Translator
 
 
 def __getattr__(name: str) -> Any:
     # `Translator` loads torch: imported on first use, so `import transformer_mt` stays light.
     if name == "Translator":
-        from transformer_mt.translator import Translator
+        from transformer_mt.inference.translator import Translator
 
         return Translator
     raise AttributeError(f"module 'transformer_mt' has no attribute {name!r}")

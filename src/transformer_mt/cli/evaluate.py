@@ -34,7 +34,7 @@ from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user
 from transformer_mt.config import DataConfig, DecodeConfig, EvaluateConfig, to_dataclass
 from transformer_mt.errors import ConfigError, DataError
 from transformer_mt.metrics import score_corpus
-from transformer_mt.translator import Translator, atomic_writer
+from transformer_mt.inference.translator import Translator, atomic_writer
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Writes a CTranslate2 model folder for a Transformer checkpoint (needs the `ctranslate2` package:
 `pip install 'transformer-mt[export]'`). Translate with it from Python:
 
-    from transformer_mt.export import ExportedTranslator
+    from transformer_mt.inference.export import ExportedTranslator
     ExportedTranslator("exported/de-en", compute_type="int8").translate(["Ein Hund läuft."])
 """
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
-    from transformer_mt.export import export_checkpoint
+    from transformer_mt.inference.export import export_checkpoint
 
     args = parse_args(argv)
     folder = export_checkpoint(args.checkpoint, args.out_dir, args.force, args.quantization)

@@ -19,7 +19,7 @@ from typing import IO, BinaryIO, TextIO
 from transformer_mt.cli.common import config_file, report_user_errors
 from transformer_mt.config import DecodeConfig, to_dataclass
 from transformer_mt.errors import ConfigError
-from transformer_mt.translator import Translator, atomic_writer
+from transformer_mt.inference.translator import Translator, atomic_writer
 
 READ_BYTES = 1 << 16  # most bytes taken from the input at once (about a thousand short lines)
 # Longest input line kept, in bytes: far more than a model reads (model.max_positions tokens).

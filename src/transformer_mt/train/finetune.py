@@ -27,7 +27,7 @@ from transformer_mt.data.dataset import Vocabularies
 from transformer_mt.data.subword import subwords_from_state
 from transformer_mt.data.vocab import Vocab
 from transformer_mt.errors import CheckpointError, ConfigError
-from transformer_mt.train.checkpoint import load_checkpoint
+from transformer_mt.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

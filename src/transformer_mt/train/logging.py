@@ -139,7 +139,7 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (loss_ax, bleu_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    from transformer_mt.translator import atomic_writer
+    from transformer_mt.inference.translator import atomic_writer
 
     try:
         with atomic_writer(path, binary=True) as handle:
@@ -194,7 +194,7 @@ def write_config(path: Path, cfg: Any) -> None:
     """The run's resolved config as YAML (atomically; a resumed run writes its own over it)."""
     from omegaconf import OmegaConf
 
-    from transformer_mt.translator import atomic_writer
+    from transformer_mt.inference.translator import atomic_writer
 
     with atomic_writer(path) as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
@@ -220,7 +220,7 @@ def _read_rows(jsonl_path: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 def _rewrite_metrics(csv_path: Path, jsonl_path: Path, rows: list[dict[str, Any]]) -> None:
     """Start both files afresh with `rows` (temp file + rename, so a crash keeps the old ones)."""
-    from transformer_mt.translator import atomic_writer
+    from transformer_mt.inference.translator import atomic_writer
 
     for path in (csv_path, jsonl_path):
         try:

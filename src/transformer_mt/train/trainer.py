@@ -36,7 +36,7 @@ from transformer_mt.errors import CheckpointError, ConfigError, UserError
 from transformer_mt.metrics import corpus_bleu
 from transformer_mt.model import build_model
 from transformer_mt.train import distributed as dist
-from transformer_mt.train.checkpoint import (
+from transformer_mt.checkpoint import (
     CHECKPOINT_FORMAT,
     average_checkpoints,
     copy_checkpoint,
@@ -51,7 +51,7 @@ from transformer_mt.train.optim import PlateauSchedule, build_optimizer, is_impr
 from transformer_mt.train.rundir import RunPaths, open_run
 from transformer_mt.train.signals import StopRequest, TrainingInterrupted
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
-from transformer_mt.translator import decode_ids, max_source_tokens, translate_ids
+from transformer_mt.inference.translator import decode_ids, max_source_tokens, translate_ids
 
 log = logging.getLogger(__name__)
 

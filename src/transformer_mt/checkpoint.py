@@ -45,6 +45,41 @@ CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("format_version", "model", "model_config", "src_vocab", "tgt_vocab", "tokenizer")
 
 
+def build_checkpoint(
+    *,
+    weights: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    config: dict[str, Any],
+    src_vocab: list[str],
+    tgt_vocab: list[str],
+    tokenizer: dict[str, Any],
+    epoch: int,
+    step: int,
+    metrics: dict[str, float],
+    train_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict of the format above, the one place it is put together.
+
+    `weights` is the state_dict of the unwrapped model; `train_state` is left out when None
+    (best.pt, averaged and exported files are for translating, not for resuming).
+    """
+    payload: dict[str, Any] = {
+        "format_version": CHECKPOINT_FORMAT,
+        "model": weights,
+        "model_config": model_config,
+        "config": config,
+        "src_vocab": src_vocab,
+        "tgt_vocab": tgt_vocab,
+        "tokenizer": tokenizer,
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+    }
+    if train_state is not None:
+        payload["train_state"] = train_state
+    return payload
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from transformer_mt.data.vocab import BOS, EOS, PAD, UNK
-from transformer_mt.decode import (
+from transformer_mt.inference.search import (
     Hypothesis,
     beam_search,
     gnmt_penalty,

@@ -33,11 +33,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformer_mt.config import DecodeConfig
 from transformer_mt.data.subword import Subword
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
 from transformer_mt.data.vocab import BOS, EOS, PAD, SPECIALS, UNK, Vocab
 from transformer_mt.errors import UserError
+from transformer_mt.inference.translator import Translator, with_overrides
+from transformer_mt.model.embedding import sinusoid_table
 
 META_FILE = "transformer_mt.json"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the model uses
@@ -70,8 +74,6 @@ def export_checkpoint(
     CTranslate2 can also quantize at load time, `ExportedTranslator(compute_type="int8")`). The folder is built under a temporary name beside `out_dir` and renamed into place, so it is
     complete or absent. An existing `out_dir` is an error unless `force`.
     """
-    from transformer_mt.translator import Translator
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists: pick another folder or pass --force")
@@ -118,10 +120,6 @@ def _ct2_tokens(vocab: Vocab) -> list[str]:
 
 
 def _spec(ct2: Any, model: Any) -> Any:
-    import torch
-
-    from transformer_mt.model.embedding import sinusoid_table
-
     cfg = model.config
     specs = ct2.specs
     spec = specs.TransformerSpec.from_config(
@@ -296,8 +294,6 @@ class ExportedTranslator:
         """Like `Translator.translate`: one sentence or many, `decode.*` overrides as keywords."""
         single = isinstance(lines, str)
         batch = [lines] if single else list(lines)
-        from transformer_mt.translator import with_overrides
-
         tokens = self.translate_tokens(
             self.tokenize(batch), with_overrides(self.decode_cfg, decode)
         )

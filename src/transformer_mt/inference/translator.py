@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from transformer_mt.checkpoint import load_checkpoint, unwrap_model
 from transformer_mt.config import DecodeConfig, ModelConfig, to_dataclass
 from transformer_mt.data.subword import Subword, subwords_from_state
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
 from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
-from transformer_mt.decode import Hypothesis, search
 from transformer_mt.errors import CheckpointError, ConfigError, UserError
+from transformer_mt.inference.search import Hypothesis, search
+from transformer_mt.model import build_model
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,6 @@ def decode_ids(
     or torch.compile wrapper is looked through (decoding calls encode/decode directly).
     `ban_unk` keeps UNK out of the output (subword vocabularies never train on it).
     """
-    from transformer_mt.train.checkpoint import unwrap_model
-
     model = unwrap_model(model)
     limit = max_source_tokens(model)
     results: list[list[Hypothesis]] = [[Hypothesis([], 0.0)] for _ in sources]
@@ -246,9 +246,6 @@ class Translator:
         `decode_cfg=None` takes the decoding settings the checkpoint's run validated with.
         Raises CheckpointError (naming the file) when it is missing, corrupt or does not fit.
         """
-        from transformer_mt.model import build_model
-        from transformer_mt.train.checkpoint import load_checkpoint
-
         try:
             payload = load_checkpoint(path)
         except CheckpointError:

@@ -1,0 +1,2 @@
+"""Inference: the search (greedy and beam), the Translator that wraps a checkpoint for it, and the
+CTranslate2 export."""

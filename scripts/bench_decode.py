@@ -38,9 +38,10 @@ from torch import Tensor
 from transformer_mt.cli.common import config_file, report_user_errors
 from transformer_mt.config import DataConfig, DecodeConfig, ModelConfig, to_dataclass
 from transformer_mt.data.vocab import EOS
+from transformer_mt.devices import resolve_device
 from transformer_mt.inference.search import search
+from transformer_mt.inference.translator import Translator, fit_source, pad_batch
 from transformer_mt.model import build_model
-from transformer_mt.inference.translator import Translator, fit_source, pad_batch, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS_LOGIT = -1e4

@@ -26,8 +26,8 @@ import torch
 from transformer_mt.config import DataConfig
 from transformer_mt.data.corpus import read_lines, split_paths
 from transformer_mt.inference.export import ExportedTranslator, export_checkpoint
-from transformer_mt.metrics import corpus_bleu
 from transformer_mt.inference.translator import Translator
+from transformer_mt.metrics import corpus_bleu
 
 ROOT = Path(__file__).resolve().parents[1]
 

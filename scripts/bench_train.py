@@ -70,9 +70,13 @@ from transformer_mt.config import ModelConfig, to_dataclass
 from transformer_mt.data.vocab import BOS, EOS, PAD
 from transformer_mt.errors import ConfigError
 from transformer_mt.model import Transformer, build_model
-from transformer_mt.model.base import output_projection, token_embeddings
-from transformer_mt.model.embedding import Embeddings, SinusoidalPositionalEncoding
-from transformer_mt.train.trainer import cpu_supports_bf16, use_amp
+from transformer_mt.model.embedding import (
+    Embeddings,
+    SinusoidalPositionalEncoding,
+    output_projection,
+    token_embeddings,
+)
+from transformer_mt.train.step import cpu_supports_bf16, use_amp
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM, dense bf16 (datasheet)

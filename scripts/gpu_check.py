@@ -56,12 +56,12 @@ def inputs(out: Path, dry_run: bool) -> int:
 
     from transformer_mt.cli.common import CONFIG_PACKAGE, register_configs
     from transformer_mt.config import TrainConfig, to_dataclass
-    from transformer_mt.data.dataset import _existing_cache, cache_root
+    from transformer_mt.data.cache import cache_root, existing_cache
 
     register_configs()
     with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         cfg = to_dataclass(TrainConfig, compose(config_name="train", overrides=["experiment=gpu"]))
-    if _existing_cache(cfg.data) is None:
+    if existing_cache(cfg.data) is None:
         print(
             f"error: no prepared data for experiment=gpu under {cache_root(cfg.data)}: prepare it on "
             "the CPU machine (python scripts/prepare_data.py data.vocab=bpe data.vocab_size=8000 "

@@ -13,7 +13,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from transformer_mt.inference.translator import atomic_writer
+from transformer_mt.files import atomic_writer
 
 
 def read_curve(run_dir: Path) -> tuple[list[float], list[float]]:

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from transformer_mt.cli import train as train_cli
-from transformer_mt.train import trainer
+from transformer_mt.train import step, validation
 
 POINTS = ("none", "step", "validation", "checkpoint-write", "after-rename", "epoch-copy")
 
@@ -40,7 +40,7 @@ def arm(point: str, nth: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "step":
-        real_loss = trainer.token_loss_sum
+        real_loss = step.token_loss_sum
 
         def loss(logits, target, label_smoothing=0.0):
             value = real_loss(logits, target, label_smoothing)
@@ -48,16 +48,16 @@ def arm(point: str, nth: int) -> None:
                 die()
             return value
 
-        trainer.token_loss_sum = loss
+        step.token_loss_sum = loss
     elif point == "validation":
-        real_translate = trainer.translate_ids
+        real_translate = validation.translate_ids
 
         def translate(*args, **kwargs):
             if hit():
                 die()
             return real_translate(*args, **kwargs)
 
-        trainer.translate_ids = translate
+        validation.translate_ids = translate
     elif point == "checkpoint-write":
         real_save = torch.save
 

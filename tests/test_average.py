@@ -9,8 +9,8 @@ import pytest
 import torch
 from train_support import REPO, checkpoint_payload, subprocess_env
 
-from transformer_mt.cli.average import main
 from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
+from transformer_mt.cli.average import main
 
 
 @pytest.fixture

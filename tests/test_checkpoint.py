@@ -11,7 +11,6 @@ import pytest
 import torch
 from train_support import checkpoint_payload
 
-from transformer_mt.errors import CheckpointError
 from transformer_mt.checkpoint import (
     average_checkpoints,
     copy_checkpoint,
@@ -19,6 +18,7 @@ from transformer_mt.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from transformer_mt.errors import CheckpointError
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
 
 

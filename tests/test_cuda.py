@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from test_translator import ToyRun, toy_run, toy_sources
+from toy_support import toy_sources
 from train_support import (
     TRAIN_SCRIPT,
     compose_config,
@@ -30,11 +30,11 @@ from train_support import (
 
 from transformer_mt.config import DecodeConfig, ModelConfig
 from transformer_mt.data.vocab import BOS, EOS, PAD
+from transformer_mt.inference.translator import Translator
 from transformer_mt.model import build_model
 from transformer_mt.model.attention import scaled_dot_product_attention
+from transformer_mt.train.job import train
 from transformer_mt.train.loss import token_loss_sum
-from transformer_mt.train.trainer import train
-from transformer_mt.inference.translator import Translator
 
 pytestmark = [
     pytest.mark.cuda,
@@ -88,11 +88,6 @@ def test_sdpa_and_explicit_attention_agree_on_cuda(dtype, atol):
         fast = scaled_dot_product_attention(q, k, v, pad, causal=causal, fast=True)
         slow = scaled_dot_product_attention(q, k, v, pad, causal=causal, fast=False)
         torch.testing.assert_close(fast.float(), slow.float(), atol=atol, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> ToyRun:
-    return toy_run(tmp_path_factory)
 
 
 @pytest.mark.parametrize("beam_size", [1, 5])

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from transformer_mt.config import DataConfig
+from transformer_mt.data.cache import cache_key
 from transformer_mt.data.corpus import SHA256, read_lines
-from transformer_mt.data.dataset import cache_key, load_or_prepare, load_prepared, prepare
+from transformer_mt.data.dataset import load_or_prepare, load_prepared, prepare
 from transformer_mt.data.tokenize import Tokenizer
 from transformer_mt.data.vocab import UNK
 from transformer_mt.errors import DataError

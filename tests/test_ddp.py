@@ -25,7 +25,7 @@ from train_support import (
 )
 
 from transformer_mt.data.batching import TokenBucketSampler
-from transformer_mt.train.trainer import train
+from transformer_mt.train.job import train
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,7 @@ from transformer_mt.errors import ConfigError
 from transformer_mt.model import build_model
 from transformer_mt.model.embedding import Embeddings, SinusoidalPositionalEncoding, sinusoid_table
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_table_matches_the_closed_form_at_hand_checked_entries():

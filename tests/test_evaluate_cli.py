@@ -1,4 +1,4 @@
-"""`scripts/evaluate.py` end to end on the toy checkpoint (see test_translator.py)."""
+"""`scripts/evaluate.py` end to end on the toy checkpoint (see toy_support.py)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from test_translator import ToyRun, toy_run
 
 import transformer_mt.inference.translator
-from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
+from transformer_mt.cli import evaluate as evaluate_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SACREBLEU = Path(sys.executable).parent / "sacrebleu"
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
-    return toy_run(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def run_evaluate(monkeypatch, *overrides: str) -> None:

@@ -1,6 +1,6 @@
 """Export to CTranslate2: the exported model translates as ours does, weight for weight.
 
-Greedy output is compared token for token on the toy model (test_translator.py); the log-
+Greedy output is compared token for token on the toy model (toy_support.py); the log-
 probabilities CTranslate2 assigns to given translations are compared with ours for models with
 random weights in each architecture variant (post-norm, pre-norm, shared and untied embeddings),
 which checks every mapped weight without depending on one model's argmax.
@@ -15,15 +15,15 @@ import sys
 
 import pytest
 import torch
-from test_translator import GERMAN, TOY_MODEL, ToyRun, toy_run, toy_sentence
+from toy_support import GERMAN, TOY_MODEL, toy_sentence
 from train_support import REPO
 
+from transformer_mt.checkpoint import build_checkpoint, save_checkpoint
 from transformer_mt.cli import export as export_cli
 from transformer_mt.config import DecodeConfig, ModelConfig
 from transformer_mt.data.vocab import BOS, EOS, Vocab
-from transformer_mt.model import build_model
-from transformer_mt.checkpoint import save_checkpoint
 from transformer_mt.inference.translator import Translator
+from transformer_mt.model import build_model
 
 ctranslate2 = pytest.importorskip("ctranslate2")  # the [export] extra; make setup installs it
 
@@ -32,11 +32,6 @@ from transformer_mt.inference.export import ExportedTranslator, export_checkpoin
 # Share of sentences whose beam-5 output may differ: CTranslate2 normalises finished hypotheses by
 # length ** alpha, we by GNMT's ((5 + length) / 6) ** alpha, so near-ties can rank differently.
 BEAM_MISMATCH_TOLERANCE = 0.1
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> ToyRun:
-    return toy_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +125,17 @@ def test_exported_log_probabilities_match_ours(tmp_path, variant):
 
 
 def _payload(model, cfg: ModelConfig, vocab: Vocab) -> dict:
-    return {
-        "format_version": 1,
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(cfg),
-        "config": {"run_name": "random", "decode": dataclasses.asdict(DecodeConfig())},
-        "src_vocab": vocab.to_list(),
-        "tgt_vocab": vocab.to_list(),
-        "tokenizer": {"src_lang": "de", "tgt_lang": "de", "lowercase": False},
-        "epoch": 0,
-        "step": 0,
-        "metrics": {},
-    }
+    return build_checkpoint(
+        weights=model.state_dict(),
+        model_config=dataclasses.asdict(cfg),
+        config={"run_name": "random", "decode": dataclasses.asdict(DecodeConfig())},
+        src_vocab=vocab.to_list(),
+        tgt_vocab=vocab.to_list(),
+        tokenizer={"src_lang": "de", "tgt_lang": "de", "lowercase": False},
+        epoch=0,
+        step=0,
+        metrics={},
+    )
 
 
 def test_an_rnn_checkpoint_is_refused_by_name(tmp_path, capsys):

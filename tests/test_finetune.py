@@ -11,11 +11,17 @@ import json
 import re
 
 import pytest
-from test_trainer import _user_error_line, run_main
-from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+from train_support import (
+    OneThread,
+    compose_config,
+    overrides,
+    run_train,
+    user_error_line,
+    write_reversal_corpus,
+)
 
 from transformer_mt.checkpoint import load_checkpoint
-from transformer_mt.train.trainer import train
+from transformer_mt.train.job import train
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +74,7 @@ def test_fine_tuning_starts_from_the_checkpoint_in_a_run_of_its_own(
     parent, tmp_path, monkeypatch, capsys
 ):
     before = {p: p.read_bytes() for p in (parent["root"] / "saved" / "parent").iterdir()}
-    code, err = run_main(
+    code, err = run_train(
         finetune_args(tmp_path, parent, "tuned", "optim.lr=1e-4"), monkeypatch, capsys
     )
     assert code == 0, err
@@ -90,7 +96,7 @@ def test_fine_tuning_starts_from_the_checkpoint_in_a_run_of_its_own(
     resume = finetune_args(
         tmp_path, parent, "tuned", "optim.lr=1e-4", "trainer.resume=true", epochs=2
     )
-    code, err = run_main(resume, monkeypatch, capsys)
+    code, err = run_train(resume, monkeypatch, capsys)
     assert code == 0, err
     log = (tmp_path / "result" / "tuned" / "train.log").read_text()
     assert log.count("fine-tuning from") == 1 and "continuing from epoch 1" in log
@@ -98,7 +104,7 @@ def test_fine_tuning_starts_from_the_checkpoint_in_a_run_of_its_own(
 
 
 def test_fine_tuning_keeps_the_checkpoints_vocabulary(parent, tmp_path, monkeypatch, capsys):
-    code, err = run_main(finetune_args(tmp_path, parent, "vocab"), monkeypatch, capsys)
+    code, err = run_train(finetune_args(tmp_path, parent, "vocab"), monkeypatch, capsys)
     assert code == 0, err
     tuned = load_checkpoint(tmp_path / "saved" / "vocab" / "best.pt")
     first = load_checkpoint(parent["best"])
@@ -111,7 +117,7 @@ def test_fine_tuning_keeps_the_checkpoints_vocabulary(parent, tmp_path, monkeypa
 def test_fine_tuning_can_keep_the_optimizer_state(parent, tmp_path, monkeypatch, capsys):
     last = parent["root"] / "saved" / "parent" / "last.pt"
     args = finetune_args(tmp_path, parent, "adam", "trainer.init_optimizer=true", init_from=last)
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 0, err
     assert "with its optimizer state" in (tmp_path / "result" / "adam" / "train.log").read_text()
 
@@ -130,9 +136,9 @@ def test_fine_tuning_can_keep_the_optimizer_state(parent, tmp_path, monkeypatch,
 def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(
     parent, tmp_path, monkeypatch, capsys, extra, expected
 ):
-    code, err = run_main(finetune_args(tmp_path, parent, "refused", *extra), monkeypatch, capsys)
+    code, err = run_train(finetune_args(tmp_path, parent, "refused", *extra), monkeypatch, capsys)
     assert code == 2
-    assert expected in _user_error_line(err)
+    assert expected in user_error_line(err)
     assert not (tmp_path / "saved").exists()
     result = tmp_path / "result"
     assert not result.exists() or not any(p.is_file() for p in result.rglob("*"))
@@ -140,14 +146,14 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_anything_is_written(
 
 def test_a_missing_checkpoint_is_a_one_line_error(parent, tmp_path, monkeypatch, capsys):
     args = finetune_args(tmp_path, parent, "missing", init_from="nowhere/best.pt")
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 2
-    assert "nowhere/best.pt" in _user_error_line(err)
+    assert "nowhere/best.pt" in user_error_line(err)
     assert not (tmp_path / "saved").exists()
 
 
 def test_dropout_may_change_when_fine_tuning(parent, tmp_path, monkeypatch, capsys):
-    code, err = run_main(
+    code, err = run_train(
         finetune_args(tmp_path, parent, "dropout", "model.dropout=0.3"), monkeypatch, capsys
     )
     assert code == 0, err

@@ -29,13 +29,7 @@ TINY = ModelConfig(
 SRC_VOCAB, TGT_VOCAB = 23, 19
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**changes) -> ModelConfig:

@@ -18,15 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_translator import ToyRun, toy_run
 from train_support import REPO, write_reversal_corpus
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> ToyRun:
-    return toy_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

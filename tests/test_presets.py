@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from train_support import compose_config, overrides, run_cli, write_reversal_corpus
+from train_support import compose_config, overrides, run_cli, run_train, write_reversal_corpus
 
 from transformer_mt.errors import ConfigError
 from transformer_mt.model.attention import scaled_dot_product_attention
-from transformer_mt.train import trainer as trainer_module
-from transformer_mt.train.trainer import use_amp
+from transformer_mt.train import step as step_module
+from transformer_mt.train.step import use_amp
 
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
@@ -38,9 +38,9 @@ def test_cpu_preset_fits_its_time_budget():
 def test_amp_default_follows_the_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_amp(None, cuda) and not use_amp(False, cuda)
-    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(step_module, "cpu_supports_bf16", lambda: True)
     assert use_amp(None, cpu) and use_amp(True, cpu) and not use_amp(False, cpu)
-    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(step_module, "cpu_supports_bf16", lambda: False)
     assert not use_amp(None, cpu) and not use_amp(False, cpu)
     with pytest.raises(ConfigError, match="no native bf16"):
         use_amp(True, cpu)
@@ -50,7 +50,7 @@ def test_bf16_support_is_what_torch_reports():
     expected = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
         torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     )
-    assert trainer_module.cpu_supports_bf16() == expected
+    assert step_module.cpu_supports_bf16() == expected
 
 
 def test_automatic_attention_path_is_explicit_on_the_cpu(monkeypatch):
@@ -66,11 +66,9 @@ def test_automatic_attention_path_is_explicit_on_the_cpu(monkeypatch):
 
 
 def test_forcing_bf16_on_a_cpu_without_it_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    from test_trainer import run_main
-
     corpus = write_reversal_corpus(tmp_path / "corpus", n_train=50, n_val=5)
-    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: False)
-    code, err = run_main(
+    monkeypatch.setattr(step_module, "cpu_supports_bf16", lambda: False)
+    code, err = run_train(
         overrides(corpus, tmp_path, "amp", "trainer.amp=true"), monkeypatch, capsys
     )
     assert code == 2
@@ -114,8 +112,6 @@ def test_linear_decay_anneals_a_real_run_to_min_lr_by_its_step_budget(
 ):
     import csv
 
-    from test_trainer import run_main
-
     corpus = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=10)
     args = overrides(
         corpus,
@@ -127,7 +123,7 @@ def test_linear_decay_anneals_a_real_run_to_min_lr_by_its_step_budget(
         "trainer.max_steps=12",
         "trainer.patience=0",
     )
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 0, err
     with open(tmp_path / "result" / "linear" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -46,24 +46,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import run_main as run_train
-from test_translate_cli import run_main as run_translate
-from test_translator import ToyRun, toy_run, toy_sentence
+from toy_support import ToyRun, run_translate, toy_sentence
 from train_support import (
     REPO,
     OneThread,
     compose_config,
     overrides,
+    run_train,
     subprocess_env,
     write_reversal_corpus,
 )
 
+from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
 from transformer_mt.cli import evaluate as evaluate_cli
 from transformer_mt.config import DecodeConfig
-from transformer_mt.checkpoint import load_checkpoint, save_checkpoint
-from transformer_mt.train.rundir import LOCK_NAME
-from transformer_mt.train.trainer import train
 from transformer_mt.inference.translator import Translator
+from transformer_mt.train.job import train
+from transformer_mt.train.rundir import LOCK_NAME
 
 KILL_HARNESS = REPO / "tests" / "kill_harness.py"
 TRANSLATE_SCRIPT = REPO / "scripts" / "translate.py"
@@ -76,17 +75,7 @@ STREAM_PEAK_RSS_MB = 500
 STREAM_GROWTH_MB = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
-    return toy_run(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _one_line_error(err: str, *fragments: str) -> str:

@@ -14,8 +14,8 @@ import torch
 from train_support import OneThread, compose_config, model_weights, overrides, write_reversal_corpus
 
 from transformer_mt.train import trainer as trainer_module
-from transformer_mt.train.signals import TrainingInterrupted
-from transformer_mt.train.trainer import train
+from transformer_mt.train.job import train
+from transformer_mt.train.stopping import TrainingInterrupted
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from transformer_mt.config import DataConfig
-from transformer_mt.data.dataset import cache_key, load_prepared, prepare
+from transformer_mt.data.cache import cache_key
+from transformer_mt.data.dataset import load_prepared, prepare
 from transformer_mt.data.subword import Subword, subword_state, subwords_from_state
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
 from transformer_mt.data.vocab import SPECIALS, UNK

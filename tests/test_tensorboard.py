@@ -15,7 +15,7 @@ import pytest
 from train_support import OneThread, compose_config, overrides, write_reversal_corpus
 
 from transformer_mt.checkpoint import load_checkpoint
-from transformer_mt.train.trainer import train
+from transformer_mt.train.job import train
 
 EPOCHS = 2
 LOG_EVERY = 5

@@ -16,13 +16,22 @@ import sys
 
 import pytest
 import torch
-from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+from train_support import (
+    OneThread,
+    compose_config,
+    overrides,
+    run_train,
+    user_error_line,
+    write_reversal_corpus,
+)
 
-from transformer_mt.cli import train as train_cli
 from transformer_mt.errors import CheckpointError, UserError
+from transformer_mt.train import job as job_module
+from transformer_mt.train import step as step_module
 from transformer_mt.train import trainer as trainer_module
+from transformer_mt.train.job import train
 from transformer_mt.train.rundir import LOCK_NAME, RunLock, RunPaths, open_run
-from transformer_mt.train.trainer import TrainingDiverged, train
+from transformer_mt.train.stopping import TrainingDiverged, stop_reason
 
 
 @pytest.fixture(scope="module")
@@ -37,50 +46,21 @@ def args_for(corpus, root, run_name, *extra):
     return overrides(files, root, run_name, *extra, data_root=corpus["data_root"])
 
 
-def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Call the `mt-train` entry point with `args`; return (exit status, stderr).
-
-    Hydra configures the root logger for its job; the previous handlers come back afterwards.
-    """
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    with OneThread():
-        try:
-            train_cli.main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        finally:
-            for handler in root.handlers:
-                if handler not in handlers:
-                    handler.close()
-            root.handlers[:] = handlers
-            root.setLevel(level)
-    return code, capsys.readouterr().err
-
-
-def _user_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
 # ------------------------------------------------------------------------------------------
 # Refusals before any work
 
 
 def test_invalid_config_value_fails_before_any_work(corpus, tmp_path, monkeypatch, capsys):
-    code, err = run_main(
+    code, err = run_train(
         args_for(corpus, tmp_path, "bad", "trainer.monitor=bleu"), monkeypatch, capsys
     )
     assert code == 2
-    assert "trainer.monitor" in _user_error_line(err)
+    assert "trainer.monitor" in user_error_line(err)
     assert not (tmp_path / "saved").exists()
 
 
 def test_misspelt_key_fails_naming_it(corpus, tmp_path, monkeypatch, capsys):
-    code, err = run_main(
+    code, err = run_train(
         args_for(corpus, tmp_path, "bad", "trainer.max_epoch=3"), monkeypatch, capsys
     )
     assert code != 0
@@ -92,9 +72,9 @@ def test_existing_run_is_never_overwritten(corpus, tmp_path, monkeypatch, capsys
     saved = tmp_path / "saved" / "taken"
     saved.mkdir(parents=True)
     (saved / "last.pt").write_bytes(b"precious")
-    code, err = run_main(args_for(corpus, tmp_path, "taken"), monkeypatch, capsys)
+    code, err = run_train(args_for(corpus, tmp_path, "taken"), monkeypatch, capsys)
     assert code == 2
-    line = _user_error_line(err)
+    line = user_error_line(err)
     assert "already holds checkpoints" in line and "trainer.resume=true" in line
     assert sorted(p.name for p in saved.iterdir()) == ["last.pt"]
     assert (saved / "last.pt").read_bytes() == b"precious"
@@ -111,9 +91,9 @@ def test_a_new_run_never_truncates_the_logs_of_a_run_of_the_same_name(
     (result / "train.log").write_text("the first run's log\n")
     before = {p.name: p.read_bytes() for p in result.iterdir()}
     args = args_for(corpus, tmp_path, "logged", f"saved_dir={tmp_path / 'other-saved'}")
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 2
-    line = _user_error_line(err)
+    line = user_error_line(err)
     assert f"{result} already holds the logs" in line and "another run_name" in line
     assert {p.name: p.read_bytes() for p in result.iterdir()} == before  # nothing new, nothing lost
     assert not (tmp_path / "other-saved" / "logged").exists()
@@ -123,14 +103,14 @@ def test_a_refused_start_writes_nothing_into_the_run_folders(corpus, tmp_path, m
     saved = tmp_path / "saved" / "taken"
     saved.mkdir(parents=True)
     (saved / "last.pt").write_bytes(b"precious")
-    code, _ = run_main(args_for(corpus, tmp_path, "taken"), monkeypatch, capsys)
+    code, _ = run_train(args_for(corpus, tmp_path, "taken"), monkeypatch, capsys)
     assert code == 2
     result = tmp_path / "result" / "taken"
     assert not result.exists() or not any(result.rglob("*"))
 
 
 def test_a_started_run_records_its_config(corpus, tmp_path, monkeypatch, capsys):
-    code, _ = run_main(
+    code, _ = run_train(
         args_for(corpus, tmp_path, "recorded", "trainer.max_steps=1"), monkeypatch, capsys
     )
     assert code == 0
@@ -142,11 +122,11 @@ def test_a_started_run_records_its_config(corpus, tmp_path, monkeypatch, capsys)
 
 
 def test_resume_without_last_checkpoint_is_an_error(corpus, tmp_path, monkeypatch, capsys):
-    code, err = run_main(
+    code, err = run_train(
         args_for(corpus, tmp_path, "ghost", "trainer.resume=true"), monkeypatch, capsys
     )
     assert code == 2
-    line = _user_error_line(err)
+    line = user_error_line(err)
     assert "last.pt does not exist" in line and "ghost" in line
     assert not (tmp_path / "saved" / "ghost").exists()
 
@@ -155,9 +135,9 @@ def test_unwritable_saved_dir_stops_before_training(corpus, tmp_path, monkeypatc
     blocker = tmp_path / "saved-is-a-file"
     blocker.write_text("not a folder")
     args = args_for(corpus, tmp_path, "nowhere", f"saved_dir={blocker}")
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 2
-    assert f"cannot write to {blocker / 'nowhere'}" in _user_error_line(err)
+    assert f"cannot write to {blocker / 'nowhere'}" in user_error_line(err)
     assert blocker.read_text() == "not a folder"
     assert not (tmp_path / "result" / "nowhere" / "metrics.csv").exists()  # stopped before training
 
@@ -171,12 +151,12 @@ def test_second_run_on_the_same_name_refuses_while_the_first_is_alive(
     try:
         lock = {"pid": holder.pid, "host": socket.gethostname()}
         (saved / LOCK_NAME).write_text(json.dumps(lock))
-        code, err = run_main(args_for(corpus, tmp_path, "busy"), monkeypatch, capsys)
+        code, err = run_train(args_for(corpus, tmp_path, "busy"), monkeypatch, capsys)
     finally:
         holder.kill()
         holder.wait()
     assert code == 2
-    assert f"already being trained by process {holder.pid}" in _user_error_line(err)
+    assert f"already being trained by process {holder.pid}" in user_error_line(err)
     assert json.loads((saved / LOCK_NAME).read_text()) == lock  # the other run's lock stays
 
 
@@ -239,7 +219,7 @@ def test_open_run_leaves_nothing_behind_when_it_refuses(tmp_path):
 
 def _poison_loss_from(monkeypatch, first_bad_call: int, last_bad_call: int | None = None):
     """Make the training loss NaN on training calls first_bad_call..last_bad_call (1-based)."""
-    real = trainer_module.token_loss_sum
+    real = step_module.token_loss_sum
     calls = {"n": 0}
 
     def loss(logits, target, label_smoothing=0.0):
@@ -250,7 +230,7 @@ def _poison_loss_from(monkeypatch, first_bad_call: int, last_bad_call: int | Non
         last = last_bad_call if last_bad_call is not None else float("inf")
         return value * float("nan") if first_bad_call <= calls["n"] <= last else value
 
-    monkeypatch.setattr(trainer_module, "token_loss_sum", loss)
+    monkeypatch.setattr(step_module, "token_loss_sum", loss)
 
 
 def _steps_per_epoch(corpus, tmp_path) -> int:
@@ -333,11 +313,11 @@ def test_full_disk_while_writing_the_logs_is_a_one_line_error(
 
         monkeypatch.setattr(run_logging.os, "fsync", fsync_fails_on_the_metrics_row)
     args = args_for(corpus, tmp_path, f"full-{victim}", "trainer.max_epochs=2")
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 2
     result = tmp_path / "result" / f"full-{victim}"
     name = "curves.png" if victim == "curves" else "metrics.csv"
-    line = _user_error_line(err)
+    line = user_error_line(err)
     assert f"cannot write {result / name}: No space left on device" in line
     assert "trainer.resume=true" in line
     assert (tmp_path / "saved" / f"full-{victim}" / "last.pt").is_file()  # saved before the logs
@@ -382,7 +362,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(corpus, tmp_pa
 def test_cpu_with_the_base_model_warns_and_names_the_small_preset(caplog):
     cfg = compose_config(["model=base", "run_name=x"])
     with caplog.at_level(logging.WARNING):
-        trainer_module._warn_if_slow(cfg, torch.device("cpu"))
+        job_module._warn_if_slow(cfg, torch.device("cpu"))
     assert "experiment=cpu" in caplog.text and "slow" in caplog.text
 
 
@@ -397,7 +377,7 @@ def test_a_validation_pair_longer_than_the_model_reads_is_left_out_not_fatal(
         src.write(long_line + "\n")
         tgt.write(" ".join(reversed(long_line.split())) + "\n")
     args = overrides(files, tmp_path, "long", "model.max_positions=12", "trainer.max_epochs=1")
-    code, err = run_main(args, monkeypatch, capsys)
+    code, err = run_train(args, monkeypatch, capsys)
     assert code == 0, err
     log_text = (tmp_path / "result" / "long" / "train.log").read_text()
     assert "val: left out 1 of 21 pairs longer than model.max_positions=12" in log_text
@@ -409,7 +389,7 @@ def test_sighup_asks_to_stop_like_sigterm_and_a_second_signal_aborts_cleanly():
     SIGTERM during the shutdown save printed a traceback."""
     import signal as signals
 
-    from transformer_mt.train.signals import Aborted, StopRequest
+    from transformer_mt.train.stopping import Aborted, StopRequest
 
     with StopRequest() as stop:
         os.kill(os.getpid(), signals.SIGHUP)
@@ -422,13 +402,13 @@ def test_sighup_asks_to_stop_like_sigterm_and_a_second_signal_aborts_cleanly():
 def test_a_second_signal_while_saving_exits_without_a_traceback(
     corpus, tmp_path, monkeypatch, capsys
 ):
-    from transformer_mt.train.signals import Aborted
+    from transformer_mt.train.stopping import Aborted
 
     def aborted_save(*args, **kwargs):
         raise Aborted(15)
 
     monkeypatch.setattr(trainer_module.Trainer, "save", aborted_save)
-    code, err = run_main(
+    code, err = run_train(
         args_for(corpus, tmp_path, "aborted", "trainer.max_epochs=1"), monkeypatch, capsys
     )
     assert code == 128 + 15
@@ -468,20 +448,14 @@ def test_temp_files_never_follow_a_planted_symlink(tmp_path):
 def test_max_time_does_not_start_an_epoch_that_would_end_after_it():
     """The time budget holds wall time: an epoch that would end after trainer.max_time (at the
     last epoch's pace) is not started; without a timed epoch, the epoch that crosses it is last."""
-    from types import SimpleNamespace
-
     from transformer_mt.config import TrainerConfig
     from transformer_mt.train.state import Progress
 
     def reason(train_seconds: float, last_epoch_seconds: float) -> str | None:
         progress = Progress()
         progress.train_seconds = train_seconds
-        trainer = SimpleNamespace(
-            progress=progress,
-            cfg=SimpleNamespace(trainer=TrainerConfig(max_time=10, max_epochs=100, patience=0)),
-            last_epoch_seconds=last_epoch_seconds,
-        )
-        return trainer_module.Trainer._finished(trainer)
+        budget = TrainerConfig(max_time=10, max_epochs=100, patience=0)
+        return stop_reason(progress, budget, last_epoch_seconds)
 
     assert reason(500, 90) is None  # 500 + 90 s < 600 s
     assert "would end after trainer.max_time=10" in reason(520, 90)

@@ -1,4 +1,4 @@
-"""`scripts/translate.py` end to end on the toy checkpoint (see test_translator.py)."""
+"""`scripts/translate.py` end to end on the toy checkpoint (see toy_support.py)."""
 
 from __future__ import annotations
 
@@ -11,31 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_translator import ToyRun, toy_run
+from toy_support import run_translate
 
 from transformer_mt.cli import translate as translate_cli
 from transformer_mt.cli.translate import READ_BYTES, line_chunks
 from transformer_mt.config import DecodeConfig
-from transformer_mt.plots import plot_attention
 from transformer_mt.inference.translator import Translator
+from transformer_mt.plots import plot_attention
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
-    return toy_run(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def translate_command(*args: str, **kwargs) -> subprocess.Popen:
@@ -49,19 +37,8 @@ def translate_command(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    """`mt-translate argv` in this process: (exit status, stdout, stderr)."""
-    try:
-        translate_cli.main(list(argv))
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_sentences_as_arguments(toy, capsys) -> None:
-    code, out, err = run_main(capsys, str(toy.checkpoint), "Zwei drei vier.", "", "Zehn neun.")
+    code, out, err = run_translate(capsys, str(toy.checkpoint), "Zwei drei vier.", "", "Zehn neun.")
     assert code == 0, err
     assert out == "Two three four.\n\nTen nine.\n"
 
@@ -112,7 +89,7 @@ def test_file_in_file_out_in_input_order(toy, tmp_path, capsys) -> None:
     source = tmp_path / "in.de"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     output = tmp_path / "out.en"
-    code, out, err = run_main(
+    code, out, err = run_translate(
         capsys, str(toy.checkpoint), "--input", str(source), "--output", str(output),
         "--beam", "1", "--batch-size", "6",
     )  # fmt: skip
@@ -125,7 +102,7 @@ def test_file_in_file_out_in_input_order(toy, tmp_path, capsys) -> None:
 
 
 def test_nbest_prints_k_scored_lines_per_input(toy, capsys) -> None:
-    code, out, err = run_main(
+    code, out, err = run_translate(
         capsys, str(toy.checkpoint), "--beam", "4", "--nbest", "3", "Zwei drei vier.", "", "Acht."
     )
     assert code == 0, err
@@ -139,7 +116,7 @@ def test_nbest_prints_k_scored_lines_per_input(toy, capsys) -> None:
 
 def test_an_over_long_sentence_is_truncated_not_fatal(toy, capsys, caplog) -> None:
     long_line = " ".join(["drei"] * 60) + "."
-    code, out, err = run_main(capsys, str(toy.checkpoint), "--beam", "2", long_line, "Zwei.")
+    code, out, err = run_translate(capsys, str(toy.checkpoint), "--beam", "2", long_line, "Zwei.")
     assert code == 0, err
     assert "longer than the model reads" in caplog.text  # stderr outside pytest: see above
     lines = out.splitlines()
@@ -148,7 +125,7 @@ def test_an_over_long_sentence_is_truncated_not_fatal(toy, capsys, caplog) -> No
 
 def test_attention_heat_map_is_a_png_of_the_first_sentence(toy, tmp_path, capsys) -> None:
     image = tmp_path / "plots" / "attention.png"
-    code, out, err = run_main(
+    code, out, err = run_translate(
         capsys, str(toy.checkpoint), "--attention", str(image), "Zwei drei vier.", "Acht."
     )
     assert code == 0, err
@@ -176,7 +153,7 @@ def test_bad_checkpoints_are_one_line_errors(toy, tmp_path, capsys, problem) -> 
     elif problem == "not a checkpoint":
         checkpoint.write_text("hello\n")
     output = tmp_path / "out.txt"
-    code, out, err = run_main(capsys, str(checkpoint), "--output", str(output), "Zwei.")
+    code, out, err = run_translate(capsys, str(checkpoint), "--output", str(output), "Zwei.")
     assert code == 2
     assert err.startswith(f"error: {checkpoint}") or err.startswith("error: checkpoint not found")
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -196,7 +173,7 @@ def test_bad_checkpoints_are_one_line_errors(toy, tmp_path, capsys, problem) -> 
 )
 def test_bad_options_are_one_line_errors(toy, tmp_path, capsys, options, message) -> None:
     output = tmp_path / "out.txt"
-    code, _, err = run_main(capsys, str(toy.checkpoint), *options, "--output", str(output))
+    code, _, err = run_translate(capsys, str(toy.checkpoint), *options, "--output", str(output))
     assert code == 2
     assert err == f"error: {err[7:].strip()}\n" and message in err
     assert not output.exists()
@@ -269,7 +246,9 @@ def test_output_to_a_folder_is_a_one_line_error(toy, tmp_path, capsys) -> None:
     folder = tmp_path / "out"
     (folder / "kept.txt").parent.mkdir()
     (folder / "kept.txt").write_text("precious")
-    code, out, err = run_main(capsys, str(toy.checkpoint), "--output", str(folder), "Zwei drei.")
+    code, out, err = run_translate(
+        capsys, str(toy.checkpoint), "--output", str(folder), "Zwei drei."
+    )
     assert code == 2 and out == ""
     assert err.startswith(f"error: cannot write {folder}: ") and err.count("\n") == 1, err
     assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]

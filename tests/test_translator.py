@@ -1,204 +1,39 @@
 """Translator and decoding on a real (tiny, quickly trained) Transformer.
 
-`toy_run()` trains the model once per test session: a toy "German" of number words translated word
-by word into "English" (`zwei drei .` → `two three .`), prepared from text files like any custom
-corpus, trained for a few seconds with a plain Adam loop and saved with `save_checkpoint`. The
-translate and evaluate CLI tests use the same checkpoint.
+The fixture `toy` (conftest.py) trains the model once per test session: a toy "German" of number
+words translated word by word into "English" (`zwei drei .` → `two three .`), prepared from text
+files like any custom corpus, trained for a few seconds with a plain Adam loop and saved with
+`save_checkpoint` (toy_support.py). The translate and evaluate CLI tests use the same checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from toy_support import ToyRun, pad, toy_sources
 
-from transformer_mt.config import DataConfig, DecodeConfig, ModelConfig
-from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
-from transformer_mt.inference.search import beam_search, greedy_search
+from transformer_mt.config import DecodeConfig, ModelConfig
+from transformer_mt.data.vocab import EOS
 from transformer_mt.errors import CheckpointError
-from transformer_mt.model import build_model
+from transformer_mt.files import atomic_writer
+from transformer_mt.inference.search import beam_search, greedy_search
 from transformer_mt.inference.translator import (
     Translator,
-    atomic_writer,
     decode_ids,
     fit_source,
     translate_ids,
 )
+from transformer_mt.model import build_model
 
-GERMAN = ["eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn"]
-ENGLISH = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-TOY_MODEL = ModelConfig(
-    name="tiny",
-    d_model=32,
-    n_heads=4,
-    enc_layers=2,
-    dec_layers=2,
-    d_ff=64,
-    dropout=0.0,
-    max_positions=24,  # small, so that an over-long sentence is easy to write
-)
-TRAIN_STEPS = 300
-LEARNING_RATE = 5e-3
-
-
-@dataclass
-class ToyRun:
-    checkpoint: Path
-    data: DataConfig
-    model: torch.nn.Module
-    src_vocab: Vocab
-    tgt_vocab: Vocab
-    test_src: Path
-    test_ref: Path
-    train_seconds: float
-
-
-def toy_sentence(rng: random.Random, max_words: int = 8) -> tuple[str, str]:
-    words = [rng.randrange(len(GERMAN)) for _ in range(rng.randint(1, max_words))]
-    german = " ".join(GERMAN[w] for w in words) + "."
-    english = " ".join(ENGLISH[w] for w in words) + "."
-    return german.capitalize(), english.capitalize()
-
-
-def write_toy_corpus(folder: Path, rng: random.Random) -> dict[str, list[str]]:
-    """train / val / test files `<split>.de` and `<split>.en` under `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, size in (("train", 3000), ("val", 30), ("test", 60)):
-        pairs = [toy_sentence(rng) for _ in range(size)]
-        for side, lang in enumerate(("de", "en")):
-            path = folder / f"{split}.{lang}"
-            path.write_text("".join(pair[side] + "\n" for pair in pairs), encoding="utf-8")
-        files[split] = [str(folder / f"{split}.de"), str(folder / f"{split}.en")]
-    return files
-
-
-def pad(sequences: list[list[int]]) -> torch.Tensor:
-    longest = max(map(len, sequences))
-    return torch.tensor([s + [PAD] * (longest - len(s)) for s in sequences])
-
-
-def train_toy_model(train_src, train_tgt, src_vocab, tgt_vocab, steps: int) -> torch.nn.Module:
-    """A few hundred Adam steps of teacher-forced cross-entropy on random batches."""
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    model = build_model(TOY_MODEL, len(src_vocab), len(tgt_vocab))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.98))
-    for step in range(steps):
-        for group in optimizer.param_groups:  # linear decay to zero: a calm end, a sharp model
-            group["lr"] = LEARNING_RATE * (1 - step / steps)
-        rows = rng.sample(range(len(train_src)), 64)
-        src = pad([train_src[i] + [EOS] for i in rows])
-        tgt_in = pad([[BOS, *train_tgt[i]] for i in rows])
-        tgt_out = pad([[*train_tgt[i], EOS] for i in rows])
-        logits = model(src, tgt_in)
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=PAD
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-_TOY_RUN: ToyRun | None = None
-
-
-def toy_run(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
-    """Prepare the toy corpus, train the tiny model and save its checkpoint (once per session)."""
-    global _TOY_RUN
-    if _TOY_RUN is not None:
-        return _TOY_RUN
-    from transformer_mt.data.dataset import load_prepared, prepare
-    from transformer_mt.checkpoint import save_checkpoint
-
-    root = tmp_path_factory.mktemp("toy")
-    files = write_toy_corpus(root / "corpus", random.Random(1))
-    data = DataConfig(
-        name="custom",
-        src="de",
-        tgt="en",
-        root=str(root / "data"),
-        train=files["train"],
-        valid=files["val"],
-        test=files["test"],
-        min_freq=1,
-    )
-    prepare(data)
-    prepared = load_prepared(data)
-    train = prepared.splits["train"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see one_thread(); session fixtures are set up before it
-    start = time.perf_counter()
-    try:
-        model = train_toy_model(
-            train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
-        )
-    finally:
-        torch.set_num_threads(threads)
-    seconds = time.perf_counter() - start
-    checkpoint = root / "saved" / "toy-run" / "best.pt"
-    payload = {
-        "format_version": 1,
-        "model": model.state_dict(),
-        "model_config": dataclasses.asdict(TOY_MODEL),
-        "config": {
-            "run_name": "toy-run",
-            "data": dataclasses.asdict(data),
-            "decode": dataclasses.asdict(DecodeConfig()),
-        },
-        "src_vocab": prepared.src_vocab.to_list(),
-        "tgt_vocab": prepared.tgt_vocab.to_list(),
-        "tokenizer": {"src_lang": "de", "tgt_lang": "en", "lowercase": False},
-        "epoch": 1,
-        "step": TRAIN_STEPS,
-        "metrics": {},
-    }
-    save_checkpoint(payload, checkpoint)
-    _TOY_RUN = ToyRun(
-        checkpoint,
-        data,
-        model,
-        prepared.src_vocab,
-        prepared.tgt_vocab,
-        Path(files["test"][0]),
-        Path(files["test"][1]),
-        seconds,
-    )
-    return _TOY_RUN
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a machine busy with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyRun:
-    return toy_run(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="session")
 def translator(toy: ToyRun) -> Translator:
     return Translator.from_checkpoint(toy.checkpoint, device="cpu")
-
-
-def toy_sources(toy: ToyRun, n: int, seed: int = 5) -> tuple[list[list[int]], list[str]]:
-    """n fresh toy sentences as source ids (no specials) and their English translations."""
-    rng = random.Random(seed)
-    pairs = [toy_sentence(rng) for _ in range(n)]
-    ids = [toy.src_vocab.encode(de.replace(".", " .").split()) for de, _ in pairs]
-    return ids, [en for _, en in pairs]
 
 
 # ---------------------------------------------------------------------------------------------

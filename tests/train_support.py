@@ -7,6 +7,7 @@ steps on a CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from transformer_mt.checkpoint import CHECKPOINT_FORMAT
+from transformer_mt.checkpoint import build_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
@@ -101,6 +102,38 @@ def compose_config(args: list[str]):
     return to_dataclass(TrainConfig, node)
 
 
+def run_train(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Call the `mt-train` entry point with `args`; return (exit status, stderr).
+
+    Hydra configures the root logger for its job; the previous handlers come back afterwards.
+    """
+    from transformer_mt.cli import train as train_cli
+
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    with OneThread():
+        try:
+            train_cli.main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+    return code, capsys.readouterr().err
+
+
+def user_error_line(stderr: str) -> str:
+    """The one `error: ...` line of `stderr` (there must be exactly one)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
 class OneThread:
     """Context: torch on one thread (restored afterwards), as in the subprocess runs."""
 
@@ -117,21 +150,23 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_payload(scale: float = 1.0, **extra) -> dict:
-    """A small checkpoint dict in the real format (weights scaled by `scale`)."""
+    """A small checkpoint dict in the real format (weights scaled by `scale`), `extra` keys
+    (`train_state=...`, or anything else) added to what `build_checkpoint` makes."""
     return {
-        "format_version": CHECKPOINT_FORMAT,
-        "model": {
-            "weight": torch.full((2, 3), scale),
-            "bias": torch.arange(3, dtype=torch.float32) * scale,
-            "steps": torch.tensor(int(scale), dtype=torch.long),
-        },
-        "model_config": {"d_model": 3},
-        "config": {"run_name": "r"},
-        "src_vocab": ["<pad>", "<unk>", "<bos>", "<eos>", "a"],
-        "tgt_vocab": ["<pad>", "<unk>", "<bos>", "<eos>", "b"],
-        "tokenizer": {"src_lang": "de", "tgt_lang": "en", "lowercase": False},
-        "epoch": int(scale),
-        "step": 10 * int(scale),
-        "metrics": {"val_bleu": scale},
+        **build_checkpoint(
+            weights={
+                "weight": torch.full((2, 3), scale),
+                "bias": torch.arange(3, dtype=torch.float32) * scale,
+                "steps": torch.tensor(int(scale), dtype=torch.long),
+            },
+            model_config={"d_model": 3},
+            config={"run_name": "r"},
+            src_vocab=["<pad>", "<unk>", "<bos>", "<eos>", "a"],
+            tgt_vocab=["<pad>", "<unk>", "<bos>", "<eos>", "b"],
+            tokenizer={"src_lang": "de", "tgt_lang": "en", "lowercase": False},
+            epoch=int(scale),
+            step=10 * int(scale),
+            metrics={"val_bleu": scale},
+        ),
         **extra,
     }

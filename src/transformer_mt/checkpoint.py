@@ -27,12 +27,8 @@ Keys (format 1):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import secrets
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +36,7 @@ from typing import Any
 import torch
 
 from transformer_mt.errors import CheckpointError
+from transformer_mt.files import atomic_file, atomic_link
 
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("format_version", "model", "model_config", "src_vocab", "tgt_vocab", "tokenizer")
@@ -81,35 +78,23 @@ def build_checkpoint(
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write `payload` to `path` atomically: a temp file in the same folder, fsync, then rename.
+    """Write `payload` to `path` atomically (see files.py): a crash at any moment leaves either the
+    previous file or the new one, never a truncated one.
 
-    A crash at any moment leaves either the previous file or the new one, never a truncated one.
     Raises CheckpointError naming the path when the folder is not writable or the disk is full.
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_file(path, binary=True) as handle:
+            torch.save(payload, handle)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
-    try:
-        os.fchmod(fd, _file_mode())  # mkstemp makes it private; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
-        if isinstance(err, RuntimeError) and _is_write_failure(err):
+    except RuntimeError as err:
+        if _is_write_failure(err):
             raise CheckpointError(
                 f"cannot write checkpoint {path}: the write failed (is the disk full?)"
             ) from err
         raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -125,39 +110,12 @@ def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     `path` is replaced in one step, as by `save_checkpoint`; later replacing either file leaves the
     other intact.
     """
-    source, path = Path(source), Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.link")  # unguessable, and
-    try:  # os.link and copyfile below refuse or replace a name, never follow a planted symlink
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
+    path = Path(path)
+    try:
+        atomic_link(source, path)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
-    _fsync_dir(path.parent)
     return path
-
-
-def _file_mode() -> int:
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from transformer_mt.inference.translator import atomic_writer
+from transformer_mt.files import atomic_writer
 
 INCHES_PER_TOKEN = 0.35
 MIN_INCHES = 4.0

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from transformer_mt.checkpoint import average_checkpoints, save_checkpoint
 from transformer_mt.cli.common import report_user_errors
 from transformer_mt.errors import UserError
-from transformer_mt.checkpoint import average_checkpoints, save_checkpoint
 from transformer_mt.train.rundir import epoch_checkpoints
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from importlib.resources.abc import Traversable
 from typing import Any
 
+from transformer_mt.config import EvaluateConfig, PrepareConfig, TrainConfig
 from transformer_mt.errors import UserError
 
 # The configs travel inside the package, so an installed wheel works from any folder; Hydra finds
@@ -26,8 +27,6 @@ def config_file(*parts: str) -> Traversable:
 def register_configs() -> None:
     """Register the typed config dataclasses so Hydra validates every key and type."""
     from hydra.core.config_store import ConfigStore
-
-    from transformer_mt.config import EvaluateConfig, PrepareConfig, TrainConfig
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)

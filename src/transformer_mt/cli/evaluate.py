@@ -32,9 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
 from transformer_mt.config import DataConfig, DecodeConfig, EvaluateConfig, to_dataclass
+from transformer_mt.data.corpus import check_split, read_parallel, split_paths
+from transformer_mt.data.dataset import load_prepared
 from transformer_mt.errors import ConfigError, DataError
+from transformer_mt.files import atomic_writer
+from transformer_mt.inference.translator import Translator
 from transformer_mt.metrics import score_corpus
-from transformer_mt.inference.translator import Translator, atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +90,12 @@ def checkpoint_data_config(translator: Translator, cfg: EvaluateConfig) -> DataC
 
 
 def files_test_set(src_file: str, ref_file: str) -> TestSet:
-    from transformer_mt.data.corpus import read_parallel
-
     sources, references = read_parallel(src_file, ref_file, allow_empty=False)
     return TestSet(Path(src_file).name, references, source_lines=sources)
 
 
 def split_test_set(data_cfg: DataConfig, split: str, translator: Translator) -> TestSet:
     """A corpus split: ids from the prepared cache when it matches the checkpoint, else raw text."""
-    from transformer_mt.data.corpus import check_split, read_parallel, split_paths
-    from transformer_mt.data.dataset import load_prepared
-
     check_split(data_cfg, split)
     try:
         prepared = load_prepared(data_cfg)

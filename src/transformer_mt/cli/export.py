@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from transformer_mt.cli.common import report_user_errors
+from transformer_mt.inference.export import export_checkpoint
 
 QUANTIZATIONS = (
     "int8",
@@ -44,8 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
-    from transformer_mt.inference.export import export_checkpoint
-
     args = parse_args(argv)
     folder = export_checkpoint(args.checkpoint, args.out_dir, args.force, args.quantization)
     print(f"exported {args.checkpoint} -> {folder} (CTranslate2)")

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
 from transformer_mt.config import DataConfig, PrepareConfig, to_dataclass
 from transformer_mt.data.buckets import padding_report
-from transformer_mt.data.dataset import PreparedData, load_or_prepare
+from transformer_mt.data.cache import PreparedData
+from transformer_mt.data.dataset import load_or_prepare
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="prepare", version_base="1.3")

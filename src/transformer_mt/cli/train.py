@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 
 from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
 from transformer_mt.config import TrainConfig, to_dataclass
-from transformer_mt.train.signals import Aborted, TrainingInterrupted
-from transformer_mt.train.trainer import train
+from transformer_mt.train.job import train
+from transformer_mt.train.stopping import Aborted, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,9 @@ from typing import IO, BinaryIO, TextIO
 from transformer_mt.cli.common import config_file, report_user_errors
 from transformer_mt.config import DecodeConfig, to_dataclass
 from transformer_mt.errors import ConfigError
-from transformer_mt.inference.translator import Translator, atomic_writer
+from transformer_mt.files import atomic_writer
+from transformer_mt.inference.translator import Translator
+from transformer_mt.plots import plot_attention
 
 READ_BYTES = 1 << 16  # most bytes taken from the input at once (about a thousand short lines)
 # Longest input line kept, in bytes: far more than a model reads (model.max_positions tokens).
@@ -240,8 +242,6 @@ def format_lines(translator: Translator, lines: Sequence[str], first_number: int
 
 
 def save_attention(translator: Translator, sentence: str, path: str) -> None:
-    from transformer_mt.plots import plot_attention
-
     attention = translator.attention(sentence)
     plot_attention(attention.weights, attention.source_tokens, attention.output_tokens, path)
     print(f"attention heat-map: {path}", file=sys.stderr)

@@ -3,7 +3,8 @@
     corpus.py     fetch Multi30k (or take a custom corpus), verify SHA-256 sums, read parallel text
     tokenize.py   spaCy blank tokenizers; the detokenizer for model output (sacremoses + rules)
     vocab.py      token <-> id, fixed specials PAD=0 UNK=1 BOS=2 EOS=3
-    dataset.py    the prepared cache under <data.root>/cache/<key>/: prepare once, load in a second
+    dataset.py    prepare once (tokenize, subwords, vocabularies, ids), load in a second
+    cache.py      the prepared cache on disk under <data.root>/cache/<key>/: key, write, read
     buckets.py    which sentences share a batch: length sorting, token-budget packing, padding share
     batching.py   the per-epoch sampler (TokenBucketSampler), collate -> Batch
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from transformer_mt.data.buckets import pack, sort_by_length, token_batches, with_specials
 from transformer_mt.data.vocab import BOS, EOS, PAD
 
 if TYPE_CHECKING:
-    from transformer_mt.data.dataset import SplitData
+    from transformer_mt.data.cache import SplitData
 
 Example = tuple[int, Sequence[int], Sequence[int]]  # (index in the split, source ids, target ids)
 
@@ -110,8 +110,8 @@ class TokenBucketSampler(Sampler[list[int]]):
     With `num_replicas > 1` the global batch list is padded by repeating its first batches so that
     every rank gets the same number, and rank r takes batches r, r + R, r + 2R, ... All randomness
     comes from a torch.Generator seeded with (seed, epoch): the same seed and epoch give the same
-    batches on every rank and every run. `iter_from(k)` / `load_state_dict` start part-way through an
-    epoch, so a resumed run sees exactly the batches the interrupted one had left.
+    batches on every rank and every run. `iter_from(k)` starts part-way through an epoch, so a
+    resumed run sees exactly the batches the interrupted one had left.
     """
 
     def __init__(
@@ -140,7 +140,6 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        self._start = 0
         # Shuffling only reorders equal lengths and whole batches: every epoch has as many batches.
         self.num_global_batches = len(token_batches(src_lengths, tgt_lengths, max_tokens))
 
@@ -168,32 +167,8 @@ class TokenBucketSampler(Sampler[list[int]]):
         yield from self.batches()[batch_index:]
 
     def __iter__(self) -> Iterator[list[int]]:
-        start, self._start = self._start, 0
-        return self.iter_from(start)
+        return self.iter_from(0)
 
     def __len__(self) -> int:
-        """Batches the next iteration yields: a full epoch unless started part-way."""
-        return max(math.ceil(self.num_global_batches / self.num_replicas) - self._start, 0)
-
-    def state_dict(self, batches_done: int = 0) -> dict[str, int]:
-        """Where an epoch stands after this rank consumed `batches_done` of its batches."""
-        return {"epoch": self.epoch, "batches_done": batches_done, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The next iteration continues epoch `state["epoch"]` after `state["batches_done"]`."""
-        self.epoch = int(state["epoch"])
-        self.seed = int(state["seed"])
-        self._start = int(state["batches_done"])
-
-
-def make_loader(
-    split: SplitData, sampler: TokenBucketSampler, num_workers: int = 0, pin_memory: bool = False
-) -> DataLoader:
-    """A DataLoader of `Batch`es of `split` in the order `sampler` gives."""
-    return DataLoader(
-        PairDataset(split),
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )
+        """This rank's batches per epoch."""
+        return math.ceil(self.num_global_batches / self.num_replicas)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from transformer_mt.data.dataset import SplitData
+    from transformer_mt.data.cache import SplitData
 
 
 def with_specials(lengths: Sequence[int]) -> np.ndarray:

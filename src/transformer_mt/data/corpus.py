@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from transformer_mt.config import DataConfig
 from transformer_mt.errors import ConfigError, DataError
+from transformer_mt.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -254,24 +254,17 @@ def _download(url: str, path: Path, expected: str, mirrored: bool) -> None:
 
 
 def _write_verified(stream, path: Path, expected: str, origin: str) -> None:
-    """Copy `stream` to a temp file beside `path`; rename it into place only if its sum is right."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    """Copy `stream` to `path` atomically (files.py), renamed into place only if its sum is right."""
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+    with atomic_file(path, binary=True) as out:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
         if digest.hexdigest() != expected:
             raise DataError(
                 f"{path.name} from {origin} fails its SHA-256 check (got {digest.hexdigest()[:16]}..., "
                 f"expected {expected[:16]}...): the bad copy was deleted; fetch it again or fix the mirror"
             )
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: Path) -> str:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from transformer_mt.data.subword import Subword
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
 from transformer_mt.data.vocab import BOS, EOS, PAD, SPECIALS, UNK, Vocab
 from transformer_mt.errors import UserError
+from transformer_mt.files import atomic_directory
 from transformer_mt.inference.translator import Translator, with_overrides
 from transformer_mt.model.embedding import sinusoid_table
 
@@ -71,8 +70,9 @@ def export_checkpoint(
     """Write the CTranslate2 model of `checkpoint` to `out_dir`; return the folder.
 
     `quantization` stores the weights as CTranslate2's "int8", "float16", ... (None: float32;
-    CTranslate2 can also quantize at load time, `ExportedTranslator(compute_type="int8")`). The folder is built under a temporary name beside `out_dir` and renamed into place, so it is
-    complete or absent. An existing `out_dir` is an error unless `force`.
+    CTranslate2 can also quantize at load time, `ExportedTranslator(compute_type="int8")`). The
+    folder is built under a temporary name beside `out_dir` and renamed into place (files.py), so
+    it is complete or absent. An existing `out_dir` is an error unless `force`.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -94,21 +94,11 @@ def export_checkpoint(
     except ValueError as err:
         raise ExportError(f"--quantization={quantization}: {err}") from None
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        with atomic_directory(out_dir, replace=force) as building:
+            spec.save(str(building))
+            _write_meta(building, translator)
     except OSError as err:
         raise ExportError(f"cannot write {out_dir}: {err.strerror or err}") from None
-    try:
-        spec.save(str(building))
-        _write_meta(building, translator)
-        building.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        building.rename(out_dir)
-    except OSError as err:
-        raise ExportError(f"cannot write {out_dir}: {err.strerror or err}") from None
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return out_dir
 
 

@@ -11,14 +11,11 @@ reads at most `model.max_positions` source tokens (its final EOS included), so o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,26 +27,12 @@ from transformer_mt.config import DecodeConfig, ModelConfig, to_dataclass
 from transformer_mt.data.subword import Subword, subwords_from_state
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
 from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
-from transformer_mt.errors import CheckpointError, ConfigError, UserError
+from transformer_mt.devices import resolve_device
+from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.inference.search import Hypothesis, search
 from transformer_mt.model import build_model
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available, else the CPU; a CUDA device that is not there is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is available: use cpu")
-    return device
 
 
 def max_source_tokens(model: Any) -> int | None:
@@ -137,44 +120,6 @@ def translate_ids(
     """
     nbest = decode_ids(model, sources, decode_cfg, device, detokenizer.subword is not None)
     return [ids_to_text(hyps[0].tokens, tgt_vocab, detokenizer) for hyps in nbest]
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, binary: bool = False) -> Iterator[Any]:
-    """Open `path` for writing through a temp file beside it, renamed into place on success.
-
-    If the block raises, the temp file is removed and `path` keeps its old content or stays absent
-    (if the process dies, a hidden temp file may stay, but `path` is never half written); a failed
-    write or rename (a full disk, `path` being a folder) is a UserError naming `path`. The temp
-    name is unique (mkstemp, created exclusively: never a symlink someone left there). Text is
-    UTF-8 with "\\n" line ends.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-    try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; use the usual mode
-        mode = "wb" if binary else "w"
-        encoding = None if binary else "utf-8"
-        with open(fd, mode, encoding=encoding, newline=None if binary else "\n") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(err, OSError):  # a full disk, or `path` is a folder
-            raise UserError(f"cannot write {path}: {err.strerror or err}") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def with_overrides(cfg: DecodeConfig, overrides: dict[str, Any]) -> DecodeConfig:

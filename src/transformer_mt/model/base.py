@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from transformer_mt.config import ModelConfig
 from transformer_mt.data.vocab import PAD  # the padding id, fixed in every vocabulary
-from transformer_mt.errors import ConfigError
 
 
 @dataclass
@@ -90,42 +89,3 @@ class Seq2Seq(nn.Module, ABC):
             output: (B, T, V) logits predicting `y + [EOS]`.
         """
         return self.decode(tgt_in, self.encode(src))
-
-
-def token_embeddings(
-    cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int
-) -> tuple[nn.Embedding, nn.Embedding]:
-    """Source and target embedding tables (D wide): one shared table if `cfg.share_embeddings`.
-
-    Weights are drawn from N(0, 1/D): a row then has norm ≈ 1, so after the Transformer's √D
-    scaling each input component has unit variance, and when the table doubles as the output
-    projection (tie_output) the initial logits have unit variance too.
-    """
-    if cfg.share_embeddings and src_vocab_size != tgt_vocab_size:
-        raise ConfigError(
-            "model.share_embeddings needs one vocabulary for both sides "
-            f"(source has {src_vocab_size} tokens, target {tgt_vocab_size}): "
-            "set data.shared_vocab=true or model.share_embeddings=false"
-        )
-    tgt = nn.Embedding(tgt_vocab_size, cfg.d_model)
-    nn.init.normal_(tgt.weight, mean=0.0, std=cfg.d_model**-0.5)
-    if cfg.share_embeddings:
-        return tgt, tgt
-    src = nn.Embedding(src_vocab_size, cfg.d_model)
-    nn.init.normal_(src.weight, mean=0.0, std=cfg.d_model**-0.5)
-    return src, tgt
-
-
-def output_projection(cfg: ModelConfig, tgt_embedding: nn.Embedding) -> nn.Linear:
-    """Decoder state (D) -> target vocabulary logits (V), tied to `tgt_embedding` if `cfg.tie_output`.
-
-    No bias, so that a tied projection is exactly the embedding table. An untied one gets Xavier
-    initialisation like every other matrix.
-    """
-    vocab_size = tgt_embedding.num_embeddings
-    proj = nn.Linear(cfg.d_model, vocab_size, bias=False)
-    if cfg.tie_output:
-        proj.weight = tgt_embedding.weight
-    else:
-        nn.init.xavier_uniform_(proj.weight)
-    return proj

@@ -25,13 +25,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from transformer_mt.config import ModelConfig
-from transformer_mt.model.base import (
-    PAD,
-    EncoderOutput,
-    Seq2Seq,
-    output_projection,
-    token_embeddings,
-)
+from transformer_mt.model.base import PAD, EncoderOutput, Seq2Seq
+from transformer_mt.model.embedding import output_projection, token_embeddings
 
 
 @dataclass

@@ -13,15 +13,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from transformer_mt.config import ModelConfig
-from transformer_mt.model.base import (
-    PAD,
-    EncoderOutput,
-    Seq2Seq,
+from transformer_mt.model.base import PAD, EncoderOutput, Seq2Seq
+from transformer_mt.model.cache import DecoderCache
+from transformer_mt.model.embedding import (
+    Embeddings,
+    SinusoidalPositionalEncoding,
     output_projection,
     token_embeddings,
 )
-from transformer_mt.model.cache import DecoderCache
-from transformer_mt.model.embedding import Embeddings, SinusoidalPositionalEncoding
 from transformer_mt.model.layers import Decoder, Encoder
 
 

@@ -19,7 +19,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from transformer_mt.errors import ConfigError, UserError
+from transformer_mt.devices import resolve_device
+from transformer_mt.errors import UserError
 
 T = TypeVar("T")
 
@@ -46,30 +47,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """`auto` → CUDA when present, else CPU; `cuda` → this process's GPU under torchrun."""
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"trainer.device={preference} but no CUDA device is available: "
-                "use trainer.device=cpu (or auto)"
-            )
-        if preference == "cuda":
-            return torch.device("cuda", local_rank)
-    if preference != "cpu" and not preference.startswith("cuda:"):
-        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N (got {preference!r})")
-    return torch.device(preference)
-
-
 def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
     """Join the torchrun job if there is one; return this process's rank info and device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return DistInfo(), resolve_device(device_preference)
+        return DistInfo(), resolve_device(device_preference, 0, setting="trainer.device")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank, setting="trainer.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -82,11 +66,6 @@ def init_distributed(device_preference: str) -> tuple[DistInfo, torch.device]:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier(group=info.control)
 
 
 def sum_floats(values: list[float], info: DistInfo) -> list[float]:
@@ -105,13 +84,6 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     tensor = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.control)
     return bool(tensor.item())
-
-
-def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum a device tensor over all ranks, in place (the main group: NCCL on GPUs)."""
-    if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def broadcast_object(obj: object, info: DistInfo) -> object:

@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from transformer_mt.checkpoint import load_checkpoint
 from transformer_mt.config import DataConfig, ModelConfig, TrainConfig, to_dataclass
-from transformer_mt.data.dataset import Vocabularies
+from transformer_mt.data.cache import Vocabularies
 from transformer_mt.data.subword import subwords_from_state
 from transformer_mt.data.vocab import Vocab
 from transformer_mt.errors import CheckpointError, ConfigError
-from transformer_mt.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,32 @@ class InitCheckpoint:
                     getattr(data, key),
                 )
         return dataclasses.replace(data, **settings)
+
+    def load_into(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, with_optimizer: bool
+    ) -> None:
+        """Put the weights (and Adam's moments if `with_optimizer`) into a new run's model."""
+        model.load_state_dict(self.payload["model"])
+        if not with_optimizer:
+            return
+        try:
+            optimizer.load_state_dict(self.payload["train_state"]["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"the optimizer state of {self.path} does not fit this run's optimizer "
+                f"({err}); drop trainer.init_optimizer or keep optim.weight_decay as it was"
+            ) from None
+
+    def log_start(self, metrics: dict[str, float], with_optimizer: bool) -> None:
+        """The line that gives the fine-tuning run's validation before its first step."""
+        log.info(
+            "fine-tuning from %s%s: before training val loss %.4f, ppl %.2f, BLEU %.2f",
+            self.describe(),
+            " with its optimizer state" if with_optimizer else "",
+            metrics["val_loss"],
+            metrics["val_ppl"],
+            metrics["val_bleu"],
+        )
 
     def describe(self) -> str:
         config = self.payload.get("config") or {}

@@ -2,7 +2,8 @@
 
 Only rank 0 writes; on the other ranks a `RunLogger(enabled=False)` does nothing. Every file is
 written so that a crash at any moment leaves it readable: metrics are appended a whole line at a
-time and flushed, the PNG is written to a temp file and renamed.
+time and flushed; the PNG, the config and a rewrite of the metrics are written atomically
+(files.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from transformer_mt.errors import UserError
+from transformer_mt.files import atomic_writer
 
 METRIC_COLUMNS = (
     "epoch",  # epochs completed (a run stopped by max_steps logs its unfinished epoch's number)
@@ -139,8 +141,6 @@ def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (loss_ax, bleu_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    from transformer_mt.inference.translator import atomic_writer
-
     try:
         with atomic_writer(path, binary=True) as handle:
             figure.savefig(handle, format="png", dpi=100)
@@ -194,8 +194,6 @@ def write_config(path: Path, cfg: Any) -> None:
     """The run's resolved config as YAML (atomically; a resumed run writes its own over it)."""
     from omegaconf import OmegaConf
 
-    from transformer_mt.inference.translator import atomic_writer
-
     with atomic_writer(path) as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
 
@@ -220,8 +218,6 @@ def _read_rows(jsonl_path: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 def _rewrite_metrics(csv_path: Path, jsonl_path: Path, rows: list[dict[str, Any]]) -> None:
     """Start both files afresh with `rows` (temp file + rename, so a crash keeps the old ones)."""
-    from transformer_mt.inference.translator import atomic_writer
-
     for path in (csv_path, jsonl_path):
         try:
             with atomic_writer(path) as handle:

@@ -29,8 +29,3 @@ def token_loss_sum(
         label_smoothing=label_smoothing,
         reduction="sum",
     )
-
-
-def num_target_tokens(target: torch.Tensor) -> torch.Tensor:
-    """How many positions of `target` (B,T) are real tokens (not PAD), as a scalar tensor."""
-    return (target != PAD).sum()

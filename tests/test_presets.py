@@ -130,3 +130,22 @@ def test_linear_decay_anneals_a_real_run_to_min_lr_by_its_step_budget(
     rates = [float(row["lr"]) for row in rows]
     assert len(rates) >= 2 and rates == sorted(rates, reverse=True)  # falls every epoch
     assert rates[-1] == 0.0  # the lr for the step after the budget: fully annealed
+
+
+def test_the_cpu_sweep_searches_schedule_and_dropout_around_the_cpu_preset():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra import compose, initialize_config_module
+
+    from transformer_mt.cli.common import CONFIG_PACKAGE, register_configs
+
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        node = compose(
+            config_name="train",
+            overrides=["hparams_search=optuna_cpu", "experiment=cpu"],
+            return_hydra_config=True,
+        )
+    sweeper = node.hydra.sweeper
+    assert sweeper.direction == "maximize" and node.trainer.monitor == "val_bleu"
+    assert set(sweeper.params) == {"optim.lr", "optim.warmup_steps", "model.dropout"}
+    assert node.data.vocab == "bpe" and node.trainer.average_last == 0  # the preset, unaveraged

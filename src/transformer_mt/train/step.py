@@ -80,13 +80,8 @@ class Step:
         device: torch.device,
         amp: bool,
     ):
-        self.model, self.optimizer, self.info, self.device, self.amp = (
-            model,
-            optimizer,
-            info,
-            device,
-            amp,
-        )
+        self.model, self.optimizer = model, optimizer
+        self.info, self.device, self.amp = info, device, amp
         self.cfg, self.skip_nonfinite = cfg.optim, cfg.trainer.skip_nonfinite
         # What the step calls: the model under DistributedDataParallel and/or torch.compile.
         self.ddp, self.train_model = None, model

@@ -49,6 +49,17 @@ def test_load_refuses_pickled_objects_and_broken_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_any_garbage_file_is_a_checkpoint_error(tmp_path, recwarn):
+    """Random bytes reach the unpickler as arbitrary opcodes: some raise IndexError or KeyError
+    from inside torch.load (about 1 file in 16), and each must still be a one-line CheckpointError."""
+    path = tmp_path / "garbage.pt"
+    for seed in range(400):
+        path.write_bytes(random.Random(seed).randbytes(2_000))
+        with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+            load_checkpoint(path)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 @pytest.mark.parametrize(
     "failure",
     [

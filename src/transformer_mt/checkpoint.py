@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # Garbage bytes often start with a PROTO opcode of a made-up protocol number.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         detail, pickled_object = _unpickling_detail(err)
         if not pickled_object:
@@ -137,7 +141,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-data checkpoint ({detail[:160]})"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    # Arbitrary bytes read as pickle opcodes can also fail inside the weights-only unpickler
+    # itself (an empty stack, a memo index never stored): IndexError, KeyError and the like.
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, LookupError,
+            TypeError, AttributeError, OverflowError) as err:  # fmt: skip
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated or corrupt)"
         ) from err

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from train_support import (
     OneThread,
     compose_config,
@@ -300,7 +301,7 @@ def test_full_disk_while_writing_the_logs_is_a_one_line_error(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if victim == "curves":
-        monkeypatch.setattr(run_logging.Figure, "savefig", no_space)
+        monkeypatch.setattr(Figure, "savefig", no_space)  # the class plots.py draws on
     else:
         real_fsync = os.fsync
         calls = {"n": 0}

@@ -14,18 +14,14 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
 from transformer_mt.errors import UserError
 from transformer_mt.files import atomic_writer
+from transformer_mt.plots import plot_curves
 
 METRIC_COLUMNS = (
     "epoch",  # epochs completed (a run stopped by max_steps logs its unfinished epoch's number)
@@ -127,23 +123,9 @@ class RunLogger:
 
 
 def write_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss (train and validation) and validation BLEU over epochs, as a PNG written atomically."""
-    epochs = [row["epoch"] for row in rows]
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    loss_ax, bleu_ax = figure.subplots(1, 2)
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        loss_ax.plot(epochs, [_nan(row[key]) for row in rows], marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="loss per target token", title="Loss")
-    loss_ax.legend()
-    bleu_ax.plot(epochs, [_nan(row["val_bleu"]) for row in rows], marker="o", color="tab:green")
-    bleu_ax.set(xlabel="epoch", ylabel="BLEU", title="Validation BLEU")
-    for ax in (loss_ax, bleu_ax):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    """curves.png (plots.plot_curves); a failed write is a UserError that says how to go on."""
     try:
-        with atomic_writer(path, binary=True) as handle:
-            figure.savefig(handle, format="png", dpi=100)
+        plot_curves(rows, path)
     except UserError as err:
         raise _write_error(path, err) from None
 
@@ -196,10 +178,6 @@ def write_config(path: Path, cfg: Any) -> None:
 
     with atomic_writer(path) as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
-
-
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else value
 
 
 def _read_rows(jsonl_path: Path, up_to_step: int) -> list[dict[str, Any]]:

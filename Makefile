@@ -29,8 +29,9 @@ EXPERIMENT ?= $(shell $(PY) -c "import torch; print('gpu' if torch.cuda.is_avail
 train: setup
 	$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
 
+# One worker process per core (pytest-xdist); a module's tests stay together. ARGS="-n 0": serial.
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -2,22 +2,23 @@
 
 A toy "German" of number words translated word by word into "English" (`zwei drei .` → `two
 three .`), prepared from text files like any custom corpus, trained for a few seconds with a plain
-Adam loop and saved with `save_checkpoint`. `build_toy_run` does all of it; the session fixture
-`toy` (conftest.py) calls it once per test session.
+Adam loop and saved with `save_checkpoint`. `build_toy_run` does all of it and `open_toy_run` reads
+it back; the session fixture `toy` (conftest.py) builds it once per test session, shared by all of
+the session's worker processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from transformer_mt.checkpoint import build_checkpoint, save_checkpoint
+from transformer_mt.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from transformer_mt.config import DataConfig, DecodeConfig, ModelConfig
+from transformer_mt.data.dataset import load_prepared, prepare
 from transformer_mt.data.vocab import BOS, EOS, PAD, Vocab
 from transformer_mt.model import build_model
 
@@ -46,7 +47,6 @@ class ToyRun:
     tgt_vocab: Vocab
     test_src: Path
     test_ref: Path
-    train_seconds: float
 
 
 def toy_sentence(rng: random.Random, max_words: int = 8) -> tuple[str, str]:
@@ -105,35 +105,36 @@ def train_toy_model(train_src, train_tgt, src_vocab, tgt_vocab, steps: int) -> t
     return model.eval()
 
 
-def build_toy_run(root: Path) -> ToyRun:
-    """Prepare the toy corpus under `root`, train the tiny model and save its checkpoint."""
-    from transformer_mt.data.dataset import load_prepared, prepare
-
-    files = write_toy_corpus(root / "corpus", random.Random(1))
-    data = DataConfig(
+def toy_data(root: Path) -> DataConfig:
+    """The toy run's DataConfig: its corpus files in `root / "corpus"`, its cache in `root / "data"`."""
+    corpus = root / "corpus"
+    return DataConfig(
         name="custom",
         src="de",
         tgt="en",
         root=str(root / "data"),
-        train=files["train"],
-        valid=files["val"],
-        test=files["test"],
+        train=[str(corpus / f"train.{lang}") for lang in ("de", "en")],
+        valid=[str(corpus / f"val.{lang}") for lang in ("de", "en")],
+        test=[str(corpus / f"test.{lang}") for lang in ("de", "en")],
         min_freq=1,
     )
+
+
+def build_toy_run(root: Path) -> ToyRun:
+    """Prepare the toy corpus under `root`, train the tiny model and save its checkpoint."""
+    write_toy_corpus(root / "corpus", random.Random(1))
+    data = toy_data(root)
     prepare(data)
     prepared = load_prepared(data)
     train = prepared.splits["train"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see the one_thread fixtures: session fixtures are set up before them
-    start = time.perf_counter()
     try:
         model = train_toy_model(
             train.src, train.tgt, prepared.src_vocab, prepared.tgt_vocab, TRAIN_STEPS
         )
     finally:
         torch.set_num_threads(threads)
-    seconds = time.perf_counter() - start
-    checkpoint = root / "saved" / "toy-run" / "best.pt"
     payload = build_checkpoint(
         weights=model.state_dict(),
         model_config=dataclasses.asdict(TOY_MODEL),
@@ -149,17 +150,30 @@ def build_toy_run(root: Path) -> ToyRun:
         step=TRAIN_STEPS,
         metrics={},
     )
-    save_checkpoint(payload, checkpoint)
+    save_checkpoint(payload, toy_checkpoint(root))
+    return open_toy_run(root)
+
+
+def open_toy_run(root: Path) -> ToyRun:
+    """The toy run that `build_toy_run(root)` left (another test process may have built it)."""
+    data = toy_data(root)
+    prepared = load_prepared(data)
+    checkpoint = toy_checkpoint(root)
+    model = build_model(TOY_MODEL, len(prepared.src_vocab), len(prepared.tgt_vocab))
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
     return ToyRun(
         checkpoint,
         data,
-        model,
+        model.eval(),
         prepared.src_vocab,
         prepared.tgt_vocab,
-        Path(files["test"][0]),
-        Path(files["test"][1]),
-        seconds,
+        Path(data.test[0]),
+        Path(data.test[1]),
     )
+
+
+def toy_checkpoint(root: Path) -> Path:
+    return root / "saved" / "toy-run" / "best.pt"
 
 
 def run_translate(capsys, *argv: str) -> tuple[int, str, str]:

@@ -27,24 +27,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSLATE = ROOT / "scripts" / "translate.py"
+PEAK_RSS = ROOT / "scripts" / "peak_rss.py"  # runs a script, then reports its peak RSS
 SENTENCES = [
     "Zwei Hunde spielen im Schnee.",
     "Ein Mann fährt Fahrrad.",
     "Eine Frau liest ein Buch.",
     "Kinder laufen am Strand.",
 ]
-# Runs the script given after the report path, then writes its peak RSS (KiB) to the report file.
-PEAK_RSS_WRAPPER = """
-import atexit, runpy, sys
-report, sys.argv = sys.argv[1], sys.argv[2:]
-def write_peak():
-    with open("/proc/self/status") as status:
-        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    with open(report, "w") as out:
-        out.write(peak)
-atexit.register(write_peak)
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def lines(n: int) -> Iterator[bytes]:
@@ -67,8 +56,7 @@ def measure(checkpoint: Path, feed: Callable[[], Iterator[bytes]]) -> tuple[floa
         report = Path(tmp) / "peak"
         command = [
             sys.executable,
-            "-c",
-            PEAK_RSS_WRAPPER,
+            str(PEAK_RSS),
             str(report),
             str(TRANSLATE),
             str(checkpoint),

@@ -6,6 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from model_support import (
+    SRC_VOCAB,
+    TGT_VOCAB,
+    loss_before_and_after_steps,
+    padded_batch,
+    seeded_model,
+)
 from torch import nn
 
 from transformer_mt.cli.common import report_user_errors
@@ -26,7 +33,6 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 TINY = ModelConfig(
     name="tiny", d_model=32, n_heads=4, enc_layers=2, dec_layers=2, d_ff=64, dropout=0.0
 )
-SRC_VOCAB, TGT_VOCAB = 23, 19
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,23 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _tiny(**changes) -> ModelConfig:
     return dataclasses.replace(TINY, **changes)
-
-
-def _model(cfg: ModelConfig = TINY, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return build_model(cfg, SRC_VOCAB, TGT_VOCAB).eval()
-
-
-def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded sources (lengths 6, 4, 5) and targets (lengths 5, 3, 4); no PAD inside."""
-    gen = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, SRC_VOCAB, (3, 6), generator=gen)
-    tgt = torch.randint(4, TGT_VOCAB, (3, 5), generator=gen)
-    src[1, 4:] = PAD
-    src[2, 5:] = PAD
-    tgt[1, 3:] = PAD
-    tgt[2, 4:] = PAD
-    return src, tgt
 
 
 # --- equality with torch.nn layers ---------------------------------------------------------------
@@ -139,8 +128,8 @@ VARIANTS = {
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_interface_shapes(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     enc = model.encode(src)
     assert enc.memory.shape == (3, 6, cfg.d_model)
     assert torch.equal(enc.src_pad_mask, src.eq(PAD))
@@ -152,8 +141,8 @@ def test_interface_shapes(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_appending_source_padding_changes_no_output(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     longer = torch.cat([src, torch.full((3, 4), PAD)], dim=1)
     real = ~src.eq(PAD)
 
@@ -164,8 +153,8 @@ def test_appending_source_padding_changes_no_output(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_changing_target_token_t_changes_no_output_before_t(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     logits = model(src, tgt)
     for t in range(1, 5):
         changed = tgt.clone()
@@ -177,8 +166,8 @@ def test_changing_target_token_t_changes_no_output_before_t(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_cached_step_by_step_decoding_equals_the_full_forward(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     full = model(src, tgt)
     enc = model.encode(src)
     cache = model.init_cache(enc)
@@ -191,8 +180,8 @@ def test_cached_step_by_step_decoding_equals_the_full_forward(cfg):
 
 
 def test_cache_accepts_several_new_positions_at_once():
-    model = _model()
-    src, tgt = _batch()
+    model = seeded_model(TINY)
+    src, tgt = padded_batch()
     full = model(src, tgt)
     enc = model.encode(src)
     cache = model.init_cache(enc)
@@ -203,8 +192,8 @@ def test_cache_accepts_several_new_positions_at_once():
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_cache_reorder_follows_the_batch(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     enc = model.encode(src)
     cache = model.init_cache(enc)
     for t in range(2):
@@ -224,16 +213,16 @@ def test_cache_reorder_follows_the_batch(cfg):
 
 
 def test_sdpa_and_explicit_models_give_the_same_logits():
-    fast, explicit = _model(_tiny()), _model(_tiny(fast_attention=False), seed=9)
+    fast, explicit = seeded_model(_tiny()), seeded_model(_tiny(fast_attention=False), seed=9)
     explicit.load_state_dict(fast.state_dict())
-    src, tgt = _batch()
+    src, tgt = padded_batch()
     torch.testing.assert_close(fast(src, tgt), explicit(src, tgt), **TOL)
 
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_no_nan_when_a_whole_source_row_is_padding(cfg):
-    model = _model(cfg).train()
-    src, tgt = _batch()
+    model = seeded_model(cfg).train()
+    src, tgt = padded_batch()
     src[1] = PAD
     logits = model(src, tgt)
     assert torch.isfinite(logits).all()
@@ -242,8 +231,8 @@ def test_no_nan_when_a_whole_source_row_is_padding(cfg):
 
 
 def test_cross_attention_weights_cover_real_source_positions_only():
-    model = _model()
-    src, tgt = _batch()
+    model = seeded_model(TINY)
+    src, tgt = padded_batch()
     attn = model.cross_attention(src, tgt)
     assert attn.shape == (3, 5, 6)
     assert torch.all(attn.masked_select(src.eq(PAD)[:, None, :].expand_as(attn)) == 0.0)
@@ -251,23 +240,10 @@ def test_cross_attention_weights_cover_real_source_positions_only():
 
 
 def test_training_steps_reduce_the_loss():
-    model = _model(_tiny(dropout=0.1)).train()
-    src, tgt = _batch()
-    tgt_out = torch.roll(tgt, -1, dims=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def loss() -> torch.Tensor:
-        logits = model(src, tgt)
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD
-        )
-
-    first = loss().item()
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    assert loss().item() < 0.5 * first
+    model = seeded_model(_tiny(dropout=0.1)).train()
+    src, tgt = padded_batch()
+    first, last = loss_before_and_after_steps(model, src, tgt, lr=3e-3)
+    assert last < 0.5 * first
 
 
 # --- size and weight sharing ---------------------------------------------------------------------
@@ -304,7 +280,7 @@ def test_base_parameter_count_matches_the_hand_computation():
 
 
 def test_tied_output_and_shared_embeddings_share_one_parameter():
-    tied = _model(_tiny(tie_output=True))
+    tied = seeded_model(_tiny(tie_output=True))
     assert tied.output_proj.weight is tied.decoder.embed.token.weight
     assert tied.encoder.embed.token.weight is not tied.decoder.embed.token.weight
 
@@ -319,7 +295,7 @@ def test_tied_output_and_shared_embeddings_share_one_parameter():
         - 20 * TINY.d_model
     )
 
-    untied = _model(_tiny(tie_output=False))
+    untied = seeded_model(_tiny(tie_output=False))
     assert untied.output_proj.weight is not untied.decoder.embed.token.weight
 
 
@@ -328,7 +304,7 @@ def test_state_dict_round_trip_keeps_the_sharing():
     source, target = build_model(cfg, 20, 20), build_model(cfg, 20, 20)
     target.load_state_dict(source.state_dict())
     assert target.encoder.embed.token.weight is target.output_proj.weight
-    src, tgt = _batch()
+    src, tgt = padded_batch()
     src, tgt = src.clamp(max=19), tgt.clamp(max=19)
     torch.testing.assert_close(source.eval()(src, tgt), target.eval()(src, tgt))
 

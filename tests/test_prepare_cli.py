@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_support import assert_imports_leave_out
 
 from transformer_mt.cli.prepare import main
 
@@ -75,12 +76,7 @@ def test_the_script_prepares_en_fr_and_a_second_run_loads_the_cache(tmp_path, mu
 
 
 def test_the_entry_point_loads_neither_torch_nor_spacy_until_it_prepares():
-    code = (
-        "import sys\n"
-        "import transformer_mt.cli.prepare\n"
-        "assert 'torch' not in sys.modules and 'spacy' not in sys.modules\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_imports_leave_out(["transformer_mt.cli.prepare"], ["torch", "spacy"])
 
 
 def test_the_summary_reports_counts_vocabulary_and_padding(monkeypatch, capsys, multi30k_de_en):

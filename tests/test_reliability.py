@@ -66,6 +66,7 @@ from transformer_mt.train.rundir import LOCK_NAME
 
 KILL_HARNESS = REPO / "tests" / "kill_harness.py"
 TRANSLATE_SCRIPT = REPO / "scripts" / "translate.py"
+PEAK_RSS = REPO / "scripts" / "peak_rss.py"  # runs a script, then reports its peak RSS
 STREAM_LINES = 100_000
 # Peak resident memory allowed for translating the 100,000-line stream (torch and spaCy alone take
 # about 300 MB on their own); measured: 306 MB (docs/benchmarks.md, "Reliability").
@@ -389,29 +390,13 @@ def test_hostile_stdin_lines_are_translated_one_for_one_without_stopping(toy):
     assert "longer than the model reads" in err
 
 
-# Runs a script as __main__ and, on exit, writes its peak resident memory (VmHWM, KiB) to a file.
-# VmHWM belongs to the process's own address space since exec; getrusage's ru_maxrss would also
-# count the memory of the (forked) test process.
-PEAK_RSS_WRAPPER = """
-import atexit, runpy, sys
-report, sys.argv = sys.argv[1], sys.argv[2:]
-def write_peak():
-    with open("/proc/self/status") as status:
-        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
-    with open(report, "w") as out:
-        out.write(peak)
-atexit.register(write_peak)
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def _peak_rss_kib(script_args: list[str], stdin_lines: int, report: Path) -> tuple[int, int, int]:
     """Run a script fed `stdin_lines` generated lines; (exit status, output lines, peak RSS KiB).
 
     The lines are written by this process while the child runs, so the child sees a real stream.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-c", PEAK_RSS_WRAPPER, str(report), *script_args],
+        [sys.executable, str(PEAK_RSS), str(report), *script_args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -526,8 +511,7 @@ def test_an_endless_line_is_cut_in_bounded_memory_and_linear_time(toy, tmp_path)
 
     command = [
         sys.executable,
-        "-c",
-        PEAK_RSS_WRAPPER,
+        str(PEAK_RSS),
         str(tmp_path / "peak"),
         str(TRANSLATE_SCRIPT),
         str(toy.checkpoint),

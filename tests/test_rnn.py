@@ -6,15 +6,19 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
+from model_support import (
+    TGT_VOCAB,
+    loss_before_and_after_steps,
+    padded_batch,
+    seeded_model,
+)
 
 from transformer_mt.config import ModelConfig
 from transformer_mt.errors import ConfigError
-from transformer_mt.model import PAD, RNNCache, RNNSeq2Seq, build_model
+from transformer_mt.model import PAD, RNNCache, build_model
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 RNN = ModelConfig(name="rnn", arch="rnn", d_model=16, enc_layers=1, dec_layers=1, dropout=0.0)
-SRC_VOCAB, TGT_VOCAB = 23, 19
 VARIANTS = {
     "1-layer": RNN,
     "2-layers": dataclasses.replace(RNN, enc_layers=2, dec_layers=2),
@@ -25,27 +29,10 @@ VARIANTS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(cfg: ModelConfig = RNN, seed: int = 0) -> RNNSeq2Seq:
-    torch.manual_seed(seed)
-    return build_model(cfg, SRC_VOCAB, TGT_VOCAB).eval()
-
-
-def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded sources (lengths 6, 4, 5) and targets (lengths 5, 3, 4)."""
-    gen = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, SRC_VOCAB, (3, 6), generator=gen)
-    tgt = torch.randint(4, TGT_VOCAB, (3, 5), generator=gen)
-    src[1, 4:] = PAD
-    src[2, 5:] = PAD
-    tgt[1, 3:] = PAD
-    tgt[2, 4:] = PAD
-    return src, tgt
-
-
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_interface_shapes(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     enc = model.encode(src)
     assert enc.memory.shape == (3, 6, cfg.d_model)
     assert torch.equal(enc.src_pad_mask, src.eq(PAD))
@@ -57,8 +44,8 @@ def test_interface_shapes(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_cached_step_by_step_decoding_equals_the_full_forward(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     full = model(src, tgt)
     enc = model.encode(src)
     cache = model.init_cache(enc)
@@ -70,8 +57,8 @@ def test_cached_step_by_step_decoding_equals_the_full_forward(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_cache_reorder_follows_the_batch(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     enc = model.encode(src)
     for rows in (torch.tensor([2, 0, 1]), torch.tensor([1, 1, 0, 2, 2])):
         cache = model.init_cache(enc)
@@ -87,16 +74,16 @@ def test_cache_reorder_follows_the_batch(cfg):
 
 @pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
 def test_appending_source_padding_changes_no_output(cfg):
-    model = _model(cfg)
-    src, tgt = _batch()
+    model = seeded_model(cfg)
+    src, tgt = padded_batch()
     longer = torch.cat([src, torch.full((3, 3), PAD)], dim=1)
     torch.testing.assert_close(model.encode(longer).memory[:, :6], model.encode(src).memory, **TOL)
     torch.testing.assert_close(model(longer, tgt), model(src, tgt), **TOL)
 
 
 def test_changing_target_token_t_changes_no_output_before_t():
-    model = _model()
-    src, tgt = _batch()
+    model = seeded_model(RNN)
+    src, tgt = padded_batch()
     logits = model(src, tgt)
     changed = tgt.clone()
     changed[:, 3] = (changed[:, 3] - 3) % (TGT_VOCAB - 4) + 4
@@ -106,16 +93,16 @@ def test_changing_target_token_t_changes_no_output_before_t():
 
 
 def test_attention_weights_cover_real_source_positions_only():
-    model = _model()
-    src, tgt = _batch()
+    model = seeded_model(RNN)
+    src, tgt = padded_batch()
     attn = model.cross_attention(src, tgt)
     assert torch.all(attn.masked_select(src.eq(PAD)[:, None, :].expand_as(attn)) == 0.0)
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, 5), **TOL)
 
 
 def test_no_nan_when_a_whole_source_row_is_padding():
-    model = _model(VARIANTS["input-feeding"]).train()
-    src, tgt = _batch()
+    model = seeded_model(VARIANTS["input-feeding"]).train()
+    src, tgt = padded_batch()
     src[1] = PAD
     logits = model(src, tgt)
     assert torch.isfinite(logits).all()
@@ -124,23 +111,10 @@ def test_no_nan_when_a_whole_source_row_is_padding():
 
 
 def test_training_steps_reduce_the_loss():
-    model = _model(dataclasses.replace(RNN, dropout=0.1)).train()
-    src, tgt = _batch()
-    tgt_out = torch.roll(tgt, -1, dims=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-
-    def loss() -> torch.Tensor:
-        logits = model(src, tgt)
-        return nn.functional.cross_entropy(
-            logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD
-        )
-
-    first = loss().item()
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    assert loss().item() < 0.5 * first
+    model = seeded_model(dataclasses.replace(RNN, dropout=0.1)).train()
+    src, tgt = padded_batch()
+    first, last = loss_before_and_after_steps(model, src, tgt, lr=1e-2)
+    assert last < 0.5 * first
 
 
 def test_tied_and_shared_embeddings_share_one_parameter():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from train_support import (
     REPO,
+    RUN_SCALAR_TAGS,
     TRAIN_SCRIPT,
     overrides,
     run_cli,
@@ -84,16 +85,7 @@ def test_tensorboard_events_hold_scalars_text_image_and_hparams(finished_run):
     events = EventAccumulator(str(result_dir), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in (
-        "train/loss",
-        "train/lr",
-        "train/grad_norm",
-        "train/tokens_per_s",
-        "val/loss",
-        "val/ppl",
-        "val/bleu",
-        "averaged/bleu",
-    ):
+    for tag in RUN_SCALAR_TAGS:
         assert tag in tags["scalars"], tag
     assert "val/attention" in tags["images"]
     assert any(tag.startswith("val/samples") for tag in tags["tensors"])

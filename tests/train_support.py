@@ -23,6 +23,19 @@ TRAIN_SCRIPT = REPO / "scripts" / "train.py"
 WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "lark"]
 
 
+# The scalar tags of a run that averages its last epochs (TensorBoard's SCALARS tab).
+RUN_SCALAR_TAGS = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "val/loss",
+    "val/ppl",
+    "val/bleu",
+    "averaged/bleu",
+)
+
+
 def write_reversal_corpus(folder: Path, n_train: int = 2000, n_val: int = 100) -> dict[str, Path]:
     """Train and val files (`.src` / `.tgt`) of the reversal task; returns their paths."""
     rng = random.Random(0)
@@ -69,6 +82,14 @@ def overrides(
         f"run_name={run_name}",
         *extra,
     ]
+
+
+def assert_imports_leave_out(modules: list[str], absent: list[str]) -> None:
+    """In a fresh interpreter, importing `modules` loads none of `absent`."""
+    code = f"import sys\nimport {', '.join(modules)}\n" + "".join(
+        f"assert {name!r} not in sys.modules, {name!r}\n" for name in absent
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def subprocess_env() -> dict[str, str]:

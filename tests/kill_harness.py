@@ -1,6 +1,13 @@
 """The `mt-train` entry point with a SIGKILL armed at one named point (see test_reliability.py).
 
     python tests/kill_harness.py POINT N [hydra overrides...]
+    python tests/kill_harness.py --serve
+
+`--serve` reads one request per line on stdin, a JSON object {"point", "nth", "args", "log"}, and
+runs each in a process forked from this one, with its stdout and stderr in the file `log`; it
+answers each with a line {"returncode": ...} (negative: killed by that signal, as subprocess
+reports it). The forked runs start with torch, the entry point and the libraries they load already
+imported: the seconds of start-up are paid once, not at every kill.
 
 The process sends itself SIGKILL the N-th time it reaches POINT (counted from its start):
 
@@ -17,9 +24,13 @@ POINT `none` runs the entry point unchanged.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import signal
 import sys
+import threading
+import traceback
 
 import torch
 
@@ -94,7 +105,54 @@ def arm(point: str, nth: int) -> None:
         raise SystemExit(f"unknown kill point {point!r} (one of {', '.join(POINTS)})")
 
 
+def run_forked(point: str, nth: int, args: list[str], log: str) -> int:
+    """Run the armed entry point in a child process; its exit status as subprocess gives it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the serving loop
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            arm(point, nth)
+            sys.argv = [sys.argv[0], *args]
+            train_cli.main()
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def serve() -> None:
+    # What every run loads, loaded once before the first fork: torch.optim imports torch._dynamo
+    # on the first optimizer it builds.
+    import matplotlib.figure  # noqa: F401
+    import sacremoses  # noqa: F401
+    import spacy  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    assert threading.active_count() == 1, "a thread before fork() would be lost in the children"
+    for line in sys.stdin:
+        request = json.loads(line)
+        code = run_forked(request["point"], request["nth"], request["args"], request["log"])
+        print(json.dumps({"returncode": code}), flush=True)
+
+
 if __name__ == "__main__":
-    arm(sys.argv[1], int(sys.argv[2]))
-    sys.argv[1:3] = []
-    train_cli.main()
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        arm(sys.argv[1], int(sys.argv[2]))
+        sys.argv[1:3] = []
+        train_cli.main()

@@ -35,14 +35,17 @@ The cases of the reliability checklist and where each is tested:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import random
+import select
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,18 +98,51 @@ def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def _train_until_killed(point: str, nth: int, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(KILL_HARNESS), point, str(nth), *args],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+class KillServer:
+    """`kill_harness.py --serve`: each run is a process forked from one that has imported
+    everything already, then killed at its point (or run to its end, for point "none")."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs, self.runs = logs, 0
+        logs.mkdir()
+        self.process = subprocess.Popen(
+            [sys.executable, str(KILL_HARNESS), "--serve"],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def train_until_killed(self, point: str, nth: int, args: list[str]) -> SimpleNamespace:
+        self.runs += 1
+        log = self.logs / f"{self.runs}-{point}.log"
+        request = {"point": point, "nth": nth, "args": args, "log": str(log)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], 300)
+        assert ready, f"{point}: no answer from the kill harness in 300 s"
+        answer = self.process.stdout.readline()
+        assert answer, f"the kill harness died (exit {self.process.wait()})"
+        stderr = log.read_text(errors="replace") if log.exists() else ""
+        return SimpleNamespace(returncode=json.loads(answer)["returncode"], stderr=stderr)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        finally:
+            self.process.kill()  # no-op once it has exited
 
 
-def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_path):
+@pytest.fixture
+def kill_server(tmp_path):
+    server = KillServer(tmp_path / "logs")
+    yield server
+    server.close()
+
+
+def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_path, kill_server):
     """One run of 4 epochs (4 steps each), killed five times and resumed after every kill.
 
     Each row: where the process dies, and whether last.pt must then be the file it had before
@@ -128,7 +164,7 @@ def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_pat
     for number, (point, nth, expected) in enumerate(plan):
         before = _digest(last)
         run_args = args if number == 0 else [*args, "trainer.resume=true"]
-        killed = _train_until_killed(point, nth, run_args)
+        killed = kill_server.train_until_killed(point, nth, run_args)
         assert killed.returncode == -9, f"{point}: {killed.stderr[-3000:]}"
         checkpoint = load_checkpoint(last)  # weights_only=True: a whole, plain-data file
         assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
@@ -143,7 +179,7 @@ def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_pat
             partial = [p for p in saved.iterdir() if p.name.startswith(".last.pt.")]
             assert partial and partial[0].stat().st_size < last.stat().st_size
 
-    finished = _train_until_killed("none", 0, [*args, "trainer.resume=true"])
+    finished = kill_server.train_until_killed("none", 0, [*args, "trainer.resume=true"])
     assert finished.returncode == 0, finished.stderr[-3000:]
     log = (tmp_path / "result" / "killed" / "train.log").read_text()
     assert "epoch 2 was saved but not validated when the last session stopped" in log

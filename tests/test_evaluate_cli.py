@@ -60,7 +60,7 @@ def test_evaluate_a_split_from_the_prepared_cache(toy, tmp_path, monkeypatch, ca
     assert report["bleu_lc"] == pytest.approx(lowercased["score"], abs=1e-4)
     assert report["bleu_lc_signature"] == lowercased["signature"]
     assert 0 < report["chrf"] <= 100
-    assert report["decode"]["beam_size"] == 5 and report["decode"]["length_penalty"] == 0.6
+    assert report["decode"]["beam_size"] == 5 and report["decode"]["length_penalty"] == 1.4
     assert report["sentences_per_s"] > 0
     assert report["checkpoint"] == str(toy.checkpoint)
     assert f"{report['bleu']:6.2f}" in out and cased["signature"] in out

@@ -264,7 +264,7 @@ class DecodeConfig:
     """Search settings shared by validation, evaluate and translate."""
 
     beam_size: int = 1  # 1 = greedy
-    length_penalty: float = 0.6  # GNMT alpha: score / ((5 + len) / 6) ** alpha; 0 = raw log-prob
+    length_penalty: float = 1.4  # GNMT alpha: score / ((5 + len) / 6) ** alpha; 0 = raw log-prob
     max_len_a: int = 10  # hypotheses stop at max_len_a + max_len_b * source_length tokens
     max_len_b: float = 1.5
     nbest: int = 1

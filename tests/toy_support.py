@@ -64,17 +64,14 @@ def toy_sources(toy: ToyRun, n: int, seed: int = 5) -> tuple[list[list[int]], li
     return ids, [en for _, en in pairs]
 
 
-def write_toy_corpus(folder: Path, rng: random.Random) -> dict[str, list[str]]:
-    """train / val / test files `<split>.de` and `<split>.en` under `folder`."""
+def write_toy_corpus(folder: Path, rng: random.Random) -> None:
+    """train / val / test files `<split>.de` and `<split>.en` under `folder`, as `toy_data` reads."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {}
     for split, size in (("train", 3000), ("val", 30), ("test", 60)):
         pairs = [toy_sentence(rng) for _ in range(size)]
         for side, lang in enumerate(("de", "en")):
             path = folder / f"{split}.{lang}"
             path.write_text("".join(pair[side] + "\n" for pair in pairs), encoding="utf-8")
-        files[split] = [str(folder / f"{split}.de"), str(folder / f"{split}.en")]
-    return files
 
 
 def pad(sequences: list[list[int]]) -> torch.Tensor:

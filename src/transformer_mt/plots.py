@@ -20,7 +20,7 @@ from transformer_mt.files import atomic_writer
 INCHES_PER_TOKEN = 0.35
 MIN_INCHES = 4.0
 FONT_INCHES = 10 / 72  # matplotlib's default font size, 10 points
-CHAR_INCHES = 0.62 * FONT_INCHES  # a DejaVu Sans character is at most about 0.6 em wide on average
+CHAR_INCHES = 0.62 * FONT_INCHES  # DejaVu Sans characters average about 0.6 em in width
 LABEL_INCHES = 0.45  # an axis label and the gap beside it
 TICK_INCHES = 0.1
 X_LABEL_ANGLE = 60  # degrees: source tokens are written slanted

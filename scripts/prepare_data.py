@@ -2,4 +2,5 @@
 
 from transformer_mt.cli.prepare import main
 
-main()
+if __name__ == "__main__":  # the preparation's worker processes import this file again
+    main()

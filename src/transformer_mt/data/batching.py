@@ -1,8 +1,9 @@
 """Batches for training and validation: the token-budget sampler, padding, the `Batch` type.
 
 `TokenBucketSampler` groups sentences of similar length under a token budget (see buckets.py),
-reshuffles them every epoch with a seeded torch.Generator and shards them across DDP ranks;
-`collate` pads them into a `Batch`. A source is fed as `x + [EOS]`; a target as
+reshuffles them every epoch with a seeded torch.Generator and shards them across DDP ranks, all on
+numpy arrays of lengths and indices (an epoch of millions of pairs takes seconds); `collate` pads
+the sentences of one batch, read from the split's arrays only then, into a `Batch`. A source is fed as `x + [EOS]`; a target as
 `tgt_in = [BOS] + y`, predicted as `tgt_out = y + [EOS]`. Lengths given to the sampler are those of
 `x` and `y`, without specials.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from transformer_mt.data.buckets import pack, sort_by_length, token_batches, with_specials
+from transformer_mt.data.buckets import pack, sort_by_length, split_batches, with_specials
 from transformer_mt.data.vocab import BOS, EOS, PAD
 
 if TYPE_CHECKING:
@@ -47,10 +48,6 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> Batch:
-        """Called by DataLoader(pin_memory=True), so that `to(cuda, non_blocking=True)` overlaps."""
-        return self._map(lambda t: t.pin_memory())
-
     def __len__(self) -> int:
         return self.src.shape[0]
 
@@ -64,31 +61,32 @@ class Batch:
 
 def collate(examples: Sequence[Example]) -> Batch:
     """Pad `(index, src_ids, tgt_ids)` examples to the longest sequence of the batch."""
-    indices = [index for index, _, _ in examples]
-    src = [[*x, EOS] for _, x, _ in examples]
-    tgt_in = [[BOS, *y] for _, _, y in examples]
-    tgt_out = [[*y, EOS] for _, _, y in examples]
-    src_lengths = [len(s) for s in src]
-    tgt_lengths = [len(t) for t in tgt_in]
+    src_lengths = np.fromiter((len(x) + 1 for _, x, _ in examples), np.int64, len(examples))
+    tgt_lengths = np.fromiter((len(y) + 1 for _, _, y in examples), np.int64, len(examples))
+    src = np.full((len(examples), src_lengths.max(initial=0)), PAD, dtype=np.int64)
+    tgt_in = np.full((len(examples), tgt_lengths.max(initial=0)), PAD, dtype=np.int64)
+    tgt_out = tgt_in.copy()
+    for row, (_, x, y) in enumerate(examples):
+        src[row, : len(x)] = x
+        src[row, len(x)] = EOS
+        tgt_in[row, 0] = BOS
+        tgt_in[row, 1 : len(y) + 1] = y
+        tgt_out[row, : len(y)] = y
+        tgt_out[row, len(y)] = EOS
     return Batch(
-        src=_pad(src, max(src_lengths, default=0)),
-        tgt_in=_pad(tgt_in, max(tgt_lengths, default=0)),
-        tgt_out=_pad(tgt_out, max(tgt_lengths, default=0)),
-        src_lengths=torch.tensor(src_lengths, dtype=torch.long),
-        tgt_lengths=torch.tensor(tgt_lengths, dtype=torch.long),
-        indices=torch.tensor(indices, dtype=torch.long),
-        num_tgt_tokens=sum(tgt_lengths),
-    )
-
-
-def _pad(seqs: list[list[int]], length: int) -> torch.Tensor:
-    return torch.tensor([s + [PAD] * (length - len(s)) for s in seqs], dtype=torch.long).view(
-        len(seqs), length
+        src=torch.from_numpy(src),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        src_lengths=torch.from_numpy(src_lengths),
+        tgt_lengths=torch.from_numpy(tgt_lengths),
+        indices=torch.tensor([int(index) for index, _, _ in examples], dtype=torch.long),
+        num_tgt_tokens=int(tgt_lengths.sum()),
     )
 
 
 class PairDataset(Dataset):
-    """The examples of a prepared split as `(index, src_ids, tgt_ids)` tuples."""
+    """The examples of a prepared split as `(index, src_ids, tgt_ids)` tuples, read from its
+    (memory-mapped) arrays when asked for."""
 
     def __init__(self, split: SplitData) -> None:
         self.split = split
@@ -106,7 +104,8 @@ class TokenBucketSampler(Sampler[list[int]]):
     Each epoch (`set_epoch`): examples are sorted by source then target length, ties in a fresh
     random order; consecutive examples fill a batch while `len(batch) * longest` fits the budget
     (one sentence longer than the budget gets a batch of its own; see buckets.py); the batch order
-    is shuffled.
+    is shuffled. A batch is an array of indices (a view of the epoch's order): memory follows the
+    number of batches, with no Python object per sentence.
     With `num_replicas > 1` the global batch list is padded by repeating its first batches so that
     every rank gets the same number, and rank r takes batches r, r + R, r + 2R, ... All randomness
     comes from a torch.Generator seeded with (seed, epoch): the same seed and epoch give the same
@@ -141,26 +140,30 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         # Shuffling only reorders equal lengths and whole batches: every epoch has as many batches.
-        self.num_global_batches = len(token_batches(src_lengths, tgt_lengths, max_tokens))
+        order = sort_by_length(self.src_lengths, self.tgt_lengths, np.arange(len(self.src_lengths)))
+        self.num_global_batches = (
+            len(pack(self.src_lengths, self.tgt_lengths, order, max_tokens)) - 1
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self, epoch: int | None = None) -> list[list[int]]:
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
         """This rank's batches of `epoch` (default: the current one), in order."""
         epoch = self.epoch if epoch is None else epoch
         n = len(self.src_lengths)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=generator).numpy() if self.shuffle else np.arange(n)
         order = sort_by_length(self.src_lengths, self.tgt_lengths, order)
-        batches = pack(self.src_lengths, self.tgt_lengths, order, self.max_tokens)
+        bounds = pack(self.src_lengths, self.tgt_lengths, order, self.max_tokens)
+        picked = np.arange(len(bounds) - 1)
         if self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-        if self.num_replicas > 1 and batches:
-            total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
-            batches += [batches[i % len(batches)] for i in range(total - len(batches))]
-            batches = batches[self.rank :: self.num_replicas]
-        return batches
+            picked = torch.randperm(len(picked), generator=generator).numpy()
+        if self.num_replicas > 1 and len(picked):
+            total = math.ceil(len(picked) / self.num_replicas) * self.num_replicas
+            picked = np.resize(picked, total)[self.rank :: self.num_replicas]
+        batches = split_batches(order, bounds)
+        return [batches[i] for i in picked.tolist()]
 
     def iter_from(self, batch_index: int) -> Iterator[list[int]]:
         """This rank's batches of the current epoch, skipping the first `batch_index`."""

@@ -36,37 +36,48 @@ def sort_by_length(
 
 def pack(
     src_lengths: np.ndarray, tgt_lengths: np.ndarray, order: np.ndarray, max_tokens: int
-) -> list[list[int]]:
-    """Cut `order` into consecutive batches whose padded size fits `max_tokens`.
+) -> np.ndarray:
+    """Cut `order` into consecutive batches whose padded size fits `max_tokens`; return the bounds:
+    batch i is `order[bounds[i]:bounds[i + 1]]`.
 
-    Lengths include the specials (`with_specials`). A sentence longer than the budget on its own gets
-    a batch of its own.
+    Lengths include the specials (`with_specials`). Greedy, as a loop over sentences would be: a
+    batch takes sentences while `(sentences + 1) * longest` fits, and a sentence longer than the
+    budget on its own gets a batch of its own. The loop runs once per batch, on numpy arrays: a
+    batch of sentences no shorter than its first one fits at most `max_tokens // first` of them,
+    so each looks at that window only (time linear in the corpus).
     """
-    longest_side = np.maximum(src_lengths, tgt_lengths)
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    longest = 0
-    for index, length in zip(order.tolist(), longest_side[order].tolist(), strict=True):
-        if batch and max(longest, length) * (len(batch) + 1) > max_tokens:
-            batches.append(batch)
-            batch, longest = [], 0
-        batch.append(index)
-        longest = max(longest, length)
-    if batch:
-        batches.append(batch)
-    return batches
+    longest = np.maximum(src_lengths, tgt_lengths)[order]
+    n = len(longest)
+    bounds = [0]
+    start = 0
+    while start < n:
+        window = longest[start : start + max(max_tokens // int(longest[start]), 1)]
+        padded = np.maximum.accumulate(window) * np.arange(1, len(window) + 1)
+        too_big = np.flatnonzero(padded > max_tokens)
+        start += max(int(too_big[0]) if len(too_big) else len(window), 1)
+        bounds.append(start)
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def split_batches(order: np.ndarray, bounds: np.ndarray) -> list[np.ndarray]:
+    """The batches `pack` describes, as index arrays (views of `order`)."""
+    return [
+        order[start:end]
+        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+    ]
 
 
 def token_batches(
     src_lengths: Sequence[int], tgt_lengths: Sequence[int], max_tokens: int
-) -> list[list[int]]:
+) -> list[np.ndarray]:
     """Length-sorted token-budget batches, unshuffled.
 
     A shuffle (as the sampler does each epoch) only reorders sentences of equal lengths and whole
     batches, so every epoch's batches have the same sizes and padding as these.
     """
     src, tgt = with_specials(src_lengths), with_specials(tgt_lengths)
-    return pack(src, tgt, sort_by_length(src, tgt, np.arange(len(src))), max_tokens)
+    order = sort_by_length(src, tgt, np.arange(len(src)))
+    return split_batches(order, pack(src, tgt, order, max_tokens))
 
 
 def padding_share(
@@ -77,14 +88,15 @@ def padding_share(
     padded = real = 0
     for batch in batches:
         idx = np.asarray(batch, dtype=np.int64)
-        padded += len(idx) * (int(src[idx].max()) + int(tgt[idx].max()))
-        real += int(src[idx].sum()) + int(tgt[idx].sum())
+        if len(idx):
+            padded += len(idx) * (int(src[idx].max()) + int(tgt[idx].max()))
+            real += int(src[idx].sum()) + int(tgt[idx].sum())
     return (padded - real) / padded if padded else 0.0
 
 
-def fixed_size_batches(num_examples: int, batch_size: int, seed: int = 0) -> list[list[int]]:
+def fixed_size_batches(num_examples: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     """Batches of `batch_size` randomly chosen sentences: the baseline token budgets are compared to."""
-    order = np.random.default_rng(seed).permutation(num_examples).tolist()
+    order = np.random.default_rng(seed).permutation(num_examples)
     return [order[i : i + batch_size] for i in range(0, num_examples, batch_size)]
 
 

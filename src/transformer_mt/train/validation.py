@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from transformer_mt.config import TrainConfig
@@ -99,11 +100,7 @@ def within_positions(split: SplitData, limit: int | None) -> SplitData:
     them. Found when the data is loaded, so one long validation sentence never fails an epoch."""
     if limit is None:
         return split
-    keep = [
-        i
-        for i, (src, tgt) in enumerate(zip(split.src, split.tgt, strict=True))
-        if len(src) < limit and len(tgt) < limit
-    ]
+    keep = np.flatnonzero((split.src_lengths() < limit) & (split.tgt_lengths() < limit))
     if len(keep) == len(split):
         return split
     log.warning(
@@ -115,9 +112,4 @@ def within_positions(split: SplitData, limit: int | None) -> SplitData:
         limit,
     )
 
-    def pick(values: list | None) -> list | None:
-        return None if values is None else [values[i] for i in keep]
-
-    return SplitData(
-        split.name, pick(split.src), pick(split.tgt), pick(split.src_text), pick(split.ref_text)
-    )
+    return split.select(keep)

@@ -87,7 +87,7 @@ def test_an_unchanged_setting_loads_and_load_time_settings_share_the_cache(multi
     assert cache_key(quick) == cache_key(multi30k_de_en)
     full, limited = load_prepared(multi30k_de_en), load_prepared(quick)
     assert len(limited.splits["train"]) == 100
-    assert limited.splits["train"].src == full.splits["train"].src[:100]
+    assert limited.splits["train"].src[:] == full.splits["train"].src[:100]
     assert len(limited.splits["val"]) == len(full.splits["val"])
     for changed in ({"min_freq": 3}, {"lowercase": True}, {"max_len": 50}, {"shared_vocab": True}):
         assert cache_key(replace(multi30k_de_en, **changed)) != cache_key(multi30k_de_en)
@@ -202,8 +202,23 @@ def test_an_existing_cache_is_used_without_the_mirror(multi30k_de_en, monkeypatc
 def test_a_damaged_cache_is_a_one_line_error(tmp_path):
     cfg = _custom(tmp_path, (TRAIN_DE, TRAIN_EN), VALID)
     path = prepare(cfg)
-    intact = (path / "val.npz").read_bytes()
-    for damaged in (b"garbage", intact[: len(intact) // 2]):
-        (path / "val.npz").write_bytes(damaged)
-        with pytest.raises(DataError, match="is damaged .*delete that folder and prepare again"):
-            load_prepared(cfg)
+    for name in ("val.src.ids.npy", "val.tgt.offsets.npy"):
+        intact = (path / name).read_bytes()
+        for damaged in (b"garbage", intact[: len(intact) // 2]):
+            (path / name).write_bytes(damaged)
+            data = load_prepared(cfg)
+            assert len(data.split("train")) > 0  # the other splits still load
+            with pytest.raises(DataError, match="is damaged .*delete that folder and prepare again"):
+                data.split("val")
+        (path / name).write_bytes(intact)
+
+
+def test_a_cache_of_the_old_format_is_refused_in_one_line(tmp_path):
+    cfg = _custom(tmp_path, (TRAIN_DE, TRAIN_EN), VALID)
+    path = prepare(cfg)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="has cache format 1, this version reads format 2") as err:
+        load_prepared(cfg)
+    assert "\n" not in str(err.value)

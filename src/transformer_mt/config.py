@@ -83,6 +83,13 @@ class DataConfig:
     max_len: int = 100  # training pairs longer than this (tokens, either side) are filtered out
     max_tokens: int = 4096  # padded tokens of one batch (longer side); per process under torchrun
     limit_train: int | None = None  # keep only the first N training pairs (quick runs)
+    # Processes that tokenize and encode a corpus being prepared; None = every core.
+    workers: int | None = None
+    # bpe / unigram: SentencePiece trains on at most this many sentences, a uniform random sample
+    # of the training split (all of it when smaller). Both sides count when the model is joint.
+    subword_sample: int = 1_000_000
+    # Under torchrun, processes other than the first wait this many minutes for the prepared data.
+    prepare_wait: float = 60.0
 
     def __post_init__(self) -> None:
         if self.name not in ("multi30k", "custom"):
@@ -112,6 +119,9 @@ class DataConfig:
         _positive("data.max_len", self.max_len)
         _positive("data.max_tokens", self.max_tokens)
         _positive("data.limit_train", self.limit_train, allow_none=True)
+        _positive("data.workers", self.workers, allow_none=True)
+        _positive("data.subword_sample", self.subword_sample)
+        _positive("data.prepare_wait", self.prepare_wait)
 
 
 @dataclass

@@ -2,20 +2,29 @@
 
 A prepared corpus lives in `<data.root>/cache/<key>/`:
 
-    manifest.json        settings, raw-file SHA-256s, counts (pairs, dropped, filtered), vocabulary sizes
-    src_vocab.json       list of tokens, index = id (tgt_vocab.json likewise; equal when shared)
-    src_subword.model    with data.vocab=bpe|unigram: the SentencePiece model of each side
-    tgt_subword.model    (the same bytes in both when the vocabulary is shared, i.e. joint)
-    <split>.npz          src_ids / tgt_ids: all sentences' ids end to end (int32, no specials), and
-                         src_offsets / tgt_offsets (int64, n + 1): sentence i is ids[offsets[i]:offsets[i+1]]
-    <split>.text.json    {"src": [...], "ref": [...]}: the raw lines of every split but train
+    manifest.json            format_version (read first), settings, raw-file SHA-256s, counts
+                             (pairs, dropped, filtered), vocabulary sizes, the id arrays' dtype
+    src_vocab.json           list of tokens, index = id (tgt_vocab.json likewise; equal when shared)
+    src_subword.model        with data.vocab=bpe|unigram: the SentencePiece model of each side
+    tgt_subword.model        (the same bytes in both when the vocabulary is shared, i.e. joint)
+    <split>.<side>.ids.npy   every sentence's token ids end to end, no specials, in the smallest
+                             unsigned type the vocabulary fits (uint16 below 65,536 entries)
+    <split>.<side>.offsets.npy   int64, n + 1: sentence i is ids[offsets[i]:offsets[i + 1]]
+    <split>.text.json        {"src": [...], "ref": [...]}: the raw lines of every split but train
+
+(<side> is src or tgt.) Loading reads the manifest and the vocabularies, and maps the `.npy` files
+(`np.load(mmap_mode="r")`) of a split only when that split is asked for: constant time and memory
+whatever the corpus size, and every process that maps the same files shares one copy in the page
+cache. A sentence is sliced out of the mapped arrays when its batch is collated; no Python object
+per sentence is ever built. Caches of an older format are refused with one line.
 
 `<key>` hashes everything that changes the result (corpus, file checksums, languages, tokenizer and
 vocabulary settings, max_len, the format version) but not what applies at load time (max_tokens,
-limit_train): a changed setting prepares anew, an unchanged one loads. Vocabularies fixed in
-advance (`Vocabularies`, a fine-tuning run's) are part of the key through their digest. The folder
-is built under a temporary name and renamed into place (files.py), so a cache folder is complete
-or absent. Reading it imports neither spaCy nor torch; dataset.py prepares it.
+limit_train) or only how fast it is made (workers): a changed setting prepares anew, an unchanged
+one loads. Vocabularies fixed in advance (`Vocabularies`, a fine-tuning run's) are part of the key
+through their digest. The folder is built under a temporary name and renamed into place
+(files.py), so a cache folder is complete or absent. Reading it imports neither spaCy nor torch;
+prepare.py writes it.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import zipfile
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -36,9 +46,8 @@ from transformer_mt.data.corpus import SplitFiles, corpus_files
 from transformer_mt.data.subword import Subword
 from transformer_mt.data.vocab import Vocab
 from transformer_mt.errors import DataError
-from transformer_mt.files import atomic_directory
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one .npz per split, read into Python lists
 # Settings that change the prepared result (max_tokens and limit_train apply at load time).
 KEY_SETTINGS = (
     "name",
@@ -52,28 +61,108 @@ KEY_SETTINGS = (
     "shared_vocab",
     "max_len",
 )
+CUSTOM_WORD_CAP = (
+    50_000  # a custom corpus's word vocabulary, specials included, unless data.max_size
+)
 WORD_ONLY = ("min_freq", "max_size")  # settings that subword vocabularies ignore, and vice versa
 SUBWORD_ONLY = ("vocab_size",)
 
 
+class Sentences(Sequence):
+    """Token ids of many sentences stored end to end: sentence i is `ids[starts[i]:ends[i]]`.
+
+    `ids` is usually a memory-mapped array; indexing gives one sentence as a list of ints, read
+    when it is needed. `lengths()` comes from the bounds alone.
+    """
+
+    def __init__(self, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+        self.ids, self.starts, self.ends = ids, starts, ends
+
+    @classmethod
+    def from_offsets(cls, ids: np.ndarray, offsets: np.ndarray) -> Sentences:
+        return cls(ids, offsets[:-1], offsets[1:])
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]]) -> Sentences:
+        """Sentences held in memory (small data, tests)."""
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum([len(s) for s in seqs], out=offsets[1:])
+        ids = np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=int(offsets[-1]))
+        return cls.from_offsets(ids, offsets)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        """Sentence `index` as a list of ids; a slice gives a list of them."""
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.ids[self.starts[index] : self.ends[index]].tolist()
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per sentence (int64)."""
+        return np.asarray(self.ends, dtype=np.int64) - self.starts
+
+    def select(self, indices: np.ndarray) -> Sentences:
+        """The sentences at `indices`, in that order (the ids are not copied)."""
+        return Sentences(self.ids, self.starts[indices], self.ends[indices])
+
+    def head(self, n: int) -> Sentences:
+        """The first `n` sentences (views: nothing is copied)."""
+        return Sentences(self.ids, self.starts[:n], self.ends[:n])
+
+
 @dataclass
 class SplitData:
-    """One split: token ids per sentence (no specials) and, except for train, the raw lines."""
+    """One split: token ids per sentence (no specials) and, except for train, the raw lines.
+
+    `src` and `tgt` are `Sentences`; lists of id lists are accepted and converted (small data).
+    """
 
     name: str
-    src: list[list[int]]
-    tgt: list[list[int]]
+    src: Sentences
+    tgt: Sentences
     src_text: list[str] | None = None
     ref_text: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.src, Sentences):
+            self.src = Sentences.from_lists(self.src)
+        if not isinstance(self.tgt, Sentences):
+            self.tgt = Sentences.from_lists(self.tgt)
 
     def __len__(self) -> int:
         return len(self.src)
 
-    def src_lengths(self) -> list[int]:
-        return [len(ids) for ids in self.src]
+    def src_lengths(self) -> np.ndarray:
+        return self.src.lengths()
 
-    def tgt_lengths(self) -> list[int]:
-        return [len(ids) for ids in self.tgt]
+    def tgt_lengths(self) -> np.ndarray:
+        return self.tgt.lengths()
+
+    def select(self, indices: np.ndarray) -> SplitData:
+        """The pairs at `indices` (an int array), with their raw lines."""
+
+        def pick(lines: list[str] | None) -> list[str] | None:
+            return None if lines is None else [lines[i] for i in indices.tolist()]
+
+        return SplitData(
+            self.name,
+            self.src.select(indices),
+            self.tgt.select(indices),
+            pick(self.src_text),
+            pick(self.ref_text),
+        )
+
+    def head(self, n: int) -> SplitData:
+        """The first `n` pairs (`data.limit_train`)."""
+        return SplitData(
+            self.name,
+            self.src.head(n),
+            self.tgt.head(n),
+            None if self.src_text is None else self.src_text[:n],
+            None if self.ref_text is None else self.ref_text[:n],
+        )
 
 
 @dataclass
@@ -102,7 +191,7 @@ class PreparedData:
     manifest: dict[str, Any]
     src_vocab: Vocab
     tgt_vocab: Vocab
-    splits: dict[str, SplitData] = field(default_factory=dict)
+    splits: Mapping[str, SplitData] = field(default_factory=dict)
     src_subword: Subword | None = None  # data.vocab=bpe|unigram: the pieces' models
     tgt_subword: Subword | None = None
 
@@ -145,9 +234,20 @@ def cache_key(
 
 
 def key_settings(cfg: DataConfig) -> dict[str, Any]:
-    """The `KEY_SETTINGS` of `cfg` that apply to its kind of vocabulary."""
+    """The `KEY_SETTINGS` of `cfg` that apply to its kind of vocabulary (`max_size` as applied)."""
     ignored = SUBWORD_ONLY if cfg.vocab == "word" else WORD_ONLY
-    return {name: getattr(cfg, name) for name in KEY_SETTINGS if name not in ignored}
+    settings = {name: getattr(cfg, name) for name in KEY_SETTINGS if name not in ignored}
+    if "max_size" in settings:
+        settings["max_size"] = word_max_size(cfg)
+    return settings
+
+
+def word_max_size(cfg: DataConfig) -> int | None:
+    """The word vocabulary's cap: `data.max_size`, else `CUSTOM_WORD_CAP` for a custom corpus
+    (whose vocabulary of rare words grows without bound with its size), else none."""
+    if cfg.max_size is None and cfg.name == "custom":
+        return CUSTOM_WORD_CAP
+    return cfg.max_size
 
 
 def tokenizer_version() -> str:
@@ -176,50 +276,55 @@ def existing_cache(cfg: DataConfig, vocabs: Vocabularies | None = None) -> Path 
 # Write
 
 
-def write_cache(data: PreparedData) -> None:
-    """Write `data` as the cache folder `data.path`, complete or not at all.
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id of a vocabulary of `vocab_size` entries."""
+    for dtype in (np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
 
-    When another process finished the same folder first, its folder is kept.
+
+def array_path(folder: Path, split: str, side: str, kind: str) -> Path:
+    """`<split>.<side>.<kind>.npy`, kind `ids` or `offsets`."""
+    return folder / f"{split}.{side}.{kind}.npy"
+
+
+class IdsWriter:
+    """Appends sentences' ids to one side of a split as they come, then writes its two `.npy` files.
+
+    The ids go to a raw file as they arrive (memory: one chunk); the lengths are kept (8 bytes a
+    sentence) until `close`, which writes `<split>.<side>.ids.npy` and `.offsets.npy`.
     """
-    try:
-        with atomic_directory(data.path) as building:
-            _write_json(building / "src_vocab.json", data.src_vocab.to_list())
-            _write_json(building / "tgt_vocab.json", data.tgt_vocab.to_list())
-            for side, subword in (("src", data.src_subword), ("tgt", data.tgt_subword)):
-                if subword is not None:
-                    (building / f"{side}_subword.model").write_bytes(subword.to_bytes())
-            for name, split in data.splits.items():
-                _save_ids(building / f"{name}.npz", split.src, split.tgt)
-                if split.src_text is not None:
-                    text = {"src": split.src_text, "ref": split.ref_text}
-                    _write_json(building / f"{name}.text.json", text)
-            _write_json(building / "manifest.json", data.manifest)
-    except OSError:
-        if not (data.path / "manifest.json").is_file():  # not another process winning the race
-            raise
+
+    def __init__(self, folder: Path, split: str, side: str, dtype: np.dtype) -> None:
+        self.folder, self.split, self.side, self.dtype = folder, split, side, np.dtype(dtype)
+        self._raw_path = folder / f".{split}.{side}.ids.raw"
+        self._raw = open(self._raw_path, "wb")  # noqa: SIM115 (closed by close())
+        self._lengths: list[np.ndarray] = []
+        self.tokens = 0
+
+    def append(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """`ids` of `len(lengths)` sentences end to end."""
+        self._raw.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        self._raw.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        np.save(array_path(self.folder, self.split, self.side, "offsets"), offsets)
+        ids_path = array_path(self.folder, self.split, self.side, "ids")
+        with open(ids_path, "wb") as out, open(self._raw_path, "rb") as raw:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                      "shape": (self.tokens,)}  # fmt: skip
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out, 1 << 22)
+        self._raw_path.unlink()
 
 
-def _save_ids(path: Path, src: list[list[int]], tgt: list[list[int]]) -> None:
-    src_ids, src_offsets = _flatten(src)
-    tgt_ids, tgt_offsets = _flatten(tgt)
-    with open(path, "wb") as handle:
-        np.savez(
-            handle,
-            src_ids=src_ids,
-            src_offsets=src_offsets,
-            tgt_ids=tgt_ids,
-            tgt_offsets=tgt_offsets,
-        )
-
-
-def _flatten(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    ids = np.fromiter((i for s in seqs for i in s), dtype=np.int32, count=int(offsets[-1]))
-    return ids, offsets
-
-
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
 
 
@@ -228,43 +333,77 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def read_cache(path: Path, cfg: DataConfig) -> PreparedData:
-    """Load the cache folder `path`, applying `data.limit_train`; a DataError if it is damaged."""
+    """Load the cache folder `path` (splits are mapped when first asked for), applying
+    `data.limit_train`; a DataError if it is damaged or of an older format."""
     try:
-        data = _read(path)
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(
-            f"the prepared data {path} is damaged ({err}): delete that folder and prepare again"
-        ) from None
-    if cfg.limit_train is not None and "train" in data.splits:
-        train = data.splits["train"]
-        train.src, train.tgt = train.src[: cfg.limit_train], train.tgt[: cfg.limit_train]
-    return data
-
-
-def _read(path: Path) -> PreparedData:
-    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    src_vocab = Vocab(json.loads((path / "src_vocab.json").read_text(encoding="utf-8")))
-    tgt_vocab = Vocab(json.loads((path / "tgt_vocab.json").read_text(encoding="utf-8")))
-    splits = {}
-    for name in manifest["splits"]:
-        with np.load(path / f"{name}.npz") as arrays:
-            src = _unflatten(arrays["src_ids"], arrays["src_offsets"])
-            tgt = _unflatten(arrays["tgt_ids"], arrays["tgt_offsets"])
-        split = SplitData(name, src, tgt)
-        text_path = path / f"{name}.text.json"
-        if text_path.is_file():
-            text = json.loads(text_path.read_text(encoding="utf-8"))
-            split.src_text, split.ref_text = text["src"], text["ref"]
-        splits[name] = split
-    src_subword = tgt_subword = None
-    kind = manifest["settings"].get("vocab", "word")
-    if kind != "word":
-        src_subword = Subword((path / "src_subword.model").read_bytes(), kind)
-        tgt_subword = Subword((path / "tgt_subword.model").read_bytes(), kind)
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version != FORMAT_VERSION:
+            raise DataError(
+                f"the prepared data {path} has cache format {version}, this version reads "
+                f"format {FORMAT_VERSION}: delete that folder and prepare again (mt-prepare)"
+            )
+        src_vocab = Vocab(json.loads((path / "src_vocab.json").read_text(encoding="utf-8")))
+        tgt_vocab = Vocab(json.loads((path / "tgt_vocab.json").read_text(encoding="utf-8")))
+        src_subword = tgt_subword = None
+        kind = manifest["settings"].get("vocab", "word")
+        if kind != "word":
+            src_subword = Subword((path / "src_subword.model").read_bytes(), kind)
+            tgt_subword = Subword((path / "tgt_subword.model").read_bytes(), kind)
+        splits = MappedSplits(path, list(manifest["splits"]), cfg.limit_train)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise _damaged(path, err) from None
     return PreparedData(path, manifest, src_vocab, tgt_vocab, splits, src_subword, tgt_subword)
 
 
-def _unflatten(ids: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
-    flat = ids.tolist()
-    bounds = offsets.tolist()
-    return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+def _damaged(path: Path, err: Exception) -> DataError:
+    return DataError(
+        f"the prepared data {path} is damaged ({err}): delete that folder and prepare again"
+    )
+
+
+class MappedSplits(Mapping):
+    """The splits of a cache folder by name; each is mapped from its files when first asked for."""
+
+    def __init__(self, path: Path, names: list[str], limit_train: int | None) -> None:
+        self.path, self.names, self.limit_train = path, names, limit_train
+        self._loaded: dict[str, SplitData] = {}
+
+    def __getitem__(self, name: str) -> SplitData:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self._loaded:
+            try:
+                split = self._map(name)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise _damaged(self.path, err) from None
+            if name == "train" and self.limit_train is not None:
+                split = split.head(self.limit_train)
+            self._loaded[name] = split
+        return self._loaded[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _map(self, name: str) -> SplitData:
+        sides = []
+        for side in ("src", "tgt"):
+            ids = np.load(array_path(self.path, name, side, "ids"), mmap_mode="r")
+            offsets = np.load(array_path(self.path, name, side, "offsets"), mmap_mode="r")
+            if offsets.ndim != 1 or len(offsets) == 0 or offsets[-1] != len(ids):
+                raise ValueError(f"{name}.{side}: its offsets do not match its ids")
+            sides.append(Sentences.from_offsets(ids, offsets))
+        if len(sides[0]) != len(sides[1]):
+            raise ValueError(f"{name}: {len(sides[0])} source but {len(sides[1])} target sentences")
+        split = SplitData(name, *sides)
+        text_path = self.path / f"{name}.text.json"
+        if text_path.is_file():
+            text = json.loads(text_path.read_text(encoding="utf-8"))
+            split.src_text, split.ref_text = text["src"], text["ref"]
+        return split

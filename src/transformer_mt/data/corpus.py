@@ -11,13 +11,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import itertools
 import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from transformer_mt.config import DataConfig
 from transformer_mt.errors import ConfigError, DataError
@@ -288,58 +291,107 @@ def _custom_files(cfg: DataConfig, split: str) -> SplitFiles:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
+CHUNK_LINES = 10_000  # lines per chunk when a corpus is streamed
+
 
 def read_parallel(
     src_path: str | os.PathLike, tgt_path: str | os.PathLike, allow_empty: bool = True
 ) -> tuple[list[str], list[str]]:
     """Read two aligned files (gzip or plain UTF-8), one sentence per line; line i ↔ line i.
 
-    A byte-order mark is dropped, Windows line endings are accepted, the last line may lack its
-    newline. Raises DataError for a missing file, text that is not UTF-8 (with the line number),
-    files of different lengths (naming both files and both counts), or with `allow_empty=False`
-    an empty file.
+    The whole of both files, as lists: for test sets and other small files (`parallel_chunks`
+    streams a corpus of any size). Raises DataError as `parallel_chunks` does.
     """
-    src_lines = read_lines(src_path)
-    tgt_lines = read_lines(tgt_path)
-    if not allow_empty:
-        for path, lines in ((src_path, src_lines), (tgt_path, tgt_lines)):
-            if not lines:
-                raise DataError(f"{path} is empty: this split needs at least one sentence pair")
-    if len(src_lines) != len(tgt_lines):
-        raise DataError(
-            f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}: "
-            "line i of the source file must translate line i of the target file"
-        )
+    src_lines: list[str] = []
+    tgt_lines: list[str] = []
+    for src_chunk, tgt_chunk in parallel_chunks(src_path, tgt_path, allow_empty=allow_empty):
+        src_lines += src_chunk
+        tgt_lines += tgt_chunk
     return src_lines, tgt_lines
 
 
+def parallel_chunks(
+    src_path: str | os.PathLike,
+    tgt_path: str | os.PathLike,
+    chunk_lines: int = CHUNK_LINES,
+    allow_empty: bool = True,
+) -> Iterator[tuple[list[str], list[str]]]:
+    """The aligned lines of two files, `chunk_lines` pairs at a time: memory is one chunk's.
+
+    A byte-order mark is dropped, Windows line endings are accepted, the last line may lack its
+    newline. Raises DataError for a missing or unreadable file (a damaged gzip included), text that
+    is not UTF-8 (with the line number), files of different lengths (naming both files and both
+    counts; found when the shorter one ends), or with `allow_empty=False` an empty file.
+    """
+    src_chunks = line_chunks(src_path, chunk_lines)
+    tgt_chunks = line_chunks(tgt_path, chunk_lines)
+    src_count = tgt_count = 0
+    while True:
+        src_chunk = next(src_chunks, [])
+        tgt_chunk = next(tgt_chunks, [])
+        src_count += len(src_chunk)
+        tgt_count += len(tgt_chunk)
+        if len(src_chunk) != len(tgt_chunk):
+            src_count += sum(len(chunk) for chunk in src_chunks)
+            tgt_count += sum(len(chunk) for chunk in tgt_chunks)
+            raise DataError(
+                f"{src_path} has {src_count} lines but {tgt_path} has {tgt_count}: "
+                "line i of the source file must translate line i of the target file"
+            )
+        if not src_chunk:
+            break
+        yield src_chunk, tgt_chunk
+    if not allow_empty and src_count == 0:
+        raise DataError(f"{src_path} is empty: this split needs at least one sentence pair")
+
+
 def read_lines(path: str | os.PathLike) -> list[str]:
-    """The lines of a gzip or plain UTF-8 text file, without line endings."""
+    """The lines of a gzip or plain UTF-8 text file, without line endings (a small file)."""
+    return [line for chunk in line_chunks(path) for line in chunk]
+
+
+def line_chunks(path: str | os.PathLike, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]]:
+    """The lines of a gzip or plain UTF-8 file, without line endings, `chunk_lines` at a time.
+
+    Lines end at "\n" only ("\r\n" loses its "\r"; a lone "\r" stays in the line).
+    """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        handle = open(path, "rb")  # noqa: SIM115 (the with block below closes it)
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as err:
-            raise DataError(f"{path} is not a valid gzip file ({err})") from None
+    with handle:
+        if handle.read(2) == b"\x1f\x8b":
+            handle.seek(0)
+            stream: IO[bytes] = gzip.GzipFile(fileobj=handle)
+        else:
+            handle.seek(0)
+            stream = handle
+        number = 0  # lines read before this chunk
+        while True:
+            try:
+                raw = list(itertools.islice(stream, chunk_lines))
+            except (OSError, EOFError, zlib.error) as err:
+                raise DataError(
+                    f"{path} is not a valid gzip file ({err}): the file is damaged or truncated"
+                ) from None
+            if not raw:
+                return
+            if number == 0 and raw[0].startswith(b"\xef\xbb\xbf"):
+                raw[0] = raw[0][3:]
+            yield [_decode(line, path, number + i + 1) for i, line in enumerate(raw)]
+            number += len(raw)
+
+
+def _decode(line: bytes, path: Path, number: int) -> str:
+    if line.endswith(b"\n"):
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
     try:
-        text = data.decode("utf-8")
+        return line.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
         raise DataError(
-            f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+            f"{path}, line {number}: not UTF-8 text (byte 0x{line[err.start]:02x}); "
             "convert the file to UTF-8"
         ) from None
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
-    if not text:
-        return []
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return lines

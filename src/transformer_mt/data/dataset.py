@@ -1,11 +1,22 @@
-"""Prepare a corpus once, load it in well under a second: every split tokenized and numericalized.
+"""Prepare a corpus of any size once, then load it in constant time: every split tokenized and
+numericalized into memory-mapped arrays.
 
-`prepare(cfg)` reads the raw files of every split (corpus.py), tokenizes them (tokenize.py), learns
-the vocabularies from the training split (word level, or SentencePiece subwords) and writes the
-prepared cache `<data.root>/cache/<key>/` (its layout and key: cache.py). `load_prepared(cfg)` loads
-it; `load_or_prepare(cfg)` prepares first when needed. A fine-tuning run passes the vocabularies
-(and subword models) of the checkpoint it starts from (`Vocabularies`): they replace the ones that
-would be learnt from the training split.
+`prepare(cfg)` streams the raw files of every split (corpus.py) in chunks of lines through a pool
+of `data.workers` processes (workers.py) and writes the prepared cache `<data.root>/cache/<key>/`
+(its layout and key: cache.py). Two passes, each a pipeline of chunks, results kept in order:
+
+    1. read a chunk of pairs -> spaCy tokens (workers) -> clean (train) -> append to a token file,
+       count word tokens (word vocabularies)
+    2. vocabularies: the word counts, or a SentencePiece model trained on a uniform sample of at
+       most `data.subword_sample` training sentences (all of them when the corpus is smaller)
+    3. read a chunk of token lines -> ids (workers) -> append to the split's id arrays
+
+Memory is a few chunks, the vocabularies and the subword sample, whatever the corpus size; the
+token files are temporary, inside the folder being built. `load_prepared(cfg)` loads the cache;
+`load_or_prepare(cfg)` prepares first when needed; `wait_for_prepared(cfg)` is how the other
+processes of a torchrun job wait for the one that prepares. A fine-tuning run passes the
+vocabularies (and subword models) of the checkpoint it starts from (`Vocabularies`): they replace
+the ones that would be learnt from the training split.
 
 Training split: pairs with an empty (or whitespace-only) side are dropped, pairs longer than
 `data.max_len` tokens on either side are filtered out; both are counted. Other splits keep every line,
@@ -14,32 +25,50 @@ so hypotheses stay aligned with references. Loading imports neither spaCy nor to
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from transformer_mt.config import DataConfig
 from transformer_mt.data.cache import (
     FORMAT_VERSION,
+    IdsWriter,
     PreparedData,
-    SplitData,
     Vocabularies,
     cache_key,
     cache_root,
     existing_cache,
+    ids_dtype,
     key_settings,
     read_cache,
     tokenizer_version,
-    write_cache,
+    word_max_size,
+    write_json,
 )
-from transformer_mt.data.corpus import SplitFiles, corpus_files, read_parallel
+from transformer_mt.data.corpus import SplitFiles, corpus_files, parallel_chunks
 from transformer_mt.data.subword import Subword
-from transformer_mt.data.tokenize import Tokenizer
+from transformer_mt.data.tokenize import check_language
 from transformer_mt.data.vocab import Vocab
+from transformer_mt.data.workers import (
+    ChunkPool,
+    encode_chunk,
+    resolve_workers,
+    start_encoding,
+    start_tokenizing,
+    tokenize_chunk,
+)
 from transformer_mt.errors import DataError
+from transformer_mt.files import atomic_directory
 
 log = logging.getLogger(__name__)
+
+SAMPLE_SEED = 1234  # which sentences SentencePiece trains on, when it trains on a sample
+WAIT_POLL_S = 2.0
 
 # ---------------------------------------------------------------------------------------------
 # Prepare
@@ -60,21 +89,241 @@ def _prepare(
     target = cache_root(cfg) / key
     if (target / "manifest.json").is_file():
         return target
+    for lang in (cfg.src, cfg.tgt):
+        check_language(lang)  # here, before anything is written or a worker starts
     started = time.perf_counter()
-    splits, counts = _tokenize(cfg, files)
-    subwords = None
-    if vocabs is not None:
-        src_vocab, tgt_vocab = vocabs.src_vocab, vocabs.tgt_vocab
-        if vocabs.src_subword is not None and vocabs.tgt_subword is not None:
-            subwords = (vocabs.src_subword, vocabs.tgt_subword)
-            _segment(splits, *subwords)
-    elif cfg.vocab == "word":
-        src_vocab, tgt_vocab = _word_vocabs(cfg, splits["train"])
+    workers = resolve_workers(cfg.workers)
+    _warn_about_word_cap(cfg)
+    try:
+        with atomic_directory(target) as building:
+            tokens = building / ".tokens"
+            tokens.mkdir()
+            # 1. spaCy tokens of every split, in token files; word counts of the training split.
+            counting = vocabs is None and cfg.vocab == "word"
+            args = (cfg.src, cfg.tgt, cfg.lowercase, cfg.max_len)
+            with ChunkPool(workers, start_tokenizing, args) as pool:
+                tokenized = {
+                    name: _tokenize_split(name, pair, pool, tokens, counting)
+                    for name, pair in files.items()
+                }
+            counts = {name: split.counts for name, split in tokenized.items()}
+            # 2. The vocabularies.
+            subwords = None
+            if vocabs is not None:
+                src_vocab, tgt_vocab = vocabs.src_vocab, vocabs.tgt_vocab
+                if vocabs.src_subword is not None and vocabs.tgt_subword is not None:
+                    subwords = (vocabs.src_subword, vocabs.tgt_subword)
+            elif cfg.vocab == "word":
+                src_vocab, tgt_vocab = _word_vocabs(cfg, tokenized["train"])
+            else:
+                subwords = _train_subwords(cfg, tokens, counts["train"]["pairs"], workers)
+                src_vocab, tgt_vocab = subwords[0].vocab(), subwords[1].vocab()
+            # 3. Ids of every split, appended chunk by chunk.
+            dtypes = (ids_dtype(len(src_vocab)), ids_dtype(len(tgt_vocab)))
+            state = None if subwords is None else (cfg.vocab, *(s.to_bytes() for s in subwords))
+            args = (src_vocab.to_list(), tgt_vocab.to_list(), state, tuple(map(str, dtypes)))
+            with ChunkPool(workers, start_encoding, args) as pool:
+                for name in files:
+                    for side, dtype in zip(("src", "tgt"), dtypes, strict=True):
+                        _encode_side(name, side, dtype, pool, tokens, building)
+            _write_vocabularies(building, src_vocab, tgt_vocab, subwords)
+            for name, split in tokenized.items():
+                if split.text is not None:
+                    write_json(building / f"{name}.text.json", split.text)
+            for path in tokens.iterdir():
+                path.unlink()
+            tokens.rmdir()
+            manifest = _manifest(cfg, key, files, counts, src_vocab, tgt_vocab, vocabs, dtypes)
+            write_json(building / "manifest.json", manifest)
+    except OSError:
+        if not (target / "manifest.json").is_file():  # not another process winning the race
+            raise
+    log.info(
+        "prepared %s in %.1f s with %d worker%s",
+        target,
+        time.perf_counter() - started,
+        workers,
+        "" if workers == 1 else "s",
+    )
+    return target
+
+
+class _Tokenized:
+    """Where pass 1 left a split: its counts, word counts (train) and raw lines (not train)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.src_counts: Counter = Counter()
+        self.tgt_counts: Counter = Counter()
+        self.text: dict[str, list[str]] | None = None
+
+
+def _tokenize_split(
+    name: str, pair: SplitFiles, pool: ChunkPool, tokens: Path, counting: bool
+) -> _Tokenized:
+    """Pass 1 of one split: its token files `<name>.src` / `<name>.tgt` in `tokens`."""
+    train = name == "train"
+    result = _Tokenized()
+    if not train:
+        result.text = {"src": [], "ref": []}
+    chunks = parallel_chunks(pair.src, pair.tgt, allow_empty=name not in ("train", "val"))
+
+    def tasks() -> Iterator[tuple[list[str], list[str], bool, bool]]:
+        for src_lines, tgt_lines in chunks:
+            lines[0] += len(src_lines)
+            if result.text is not None:
+                result.text["src"] += src_lines
+                result.text["ref"] += tgt_lines
+            yield src_lines, tgt_lines, train, counting and train
+
+    lines = [0]
+    pairs = dropped = filtered = 0
+    with (
+        open(tokens / f"{name}.src", "w", encoding="utf-8", newline="\n") as src_out,
+        open(tokens / f"{name}.tgt", "w", encoding="utf-8", newline="\n") as tgt_out,
+    ):
+        for chunk in pool.map(tokenize_chunk, tasks()):
+            src_out.write(chunk.src)
+            tgt_out.write(chunk.tgt)
+            pairs += chunk.pairs
+            dropped += chunk.dropped_empty
+            filtered += chunk.filtered_long
+            if chunk.src_counts is not None:
+                result.src_counts.update(chunk.src_counts)
+                result.tgt_counts.update(chunk.tgt_counts)
+    if not train:
+        result.counts = {"lines": lines[0], "pairs": pairs}
+        return result
+    log.info(
+        "train: dropped %d pairs with an empty side, filtered %d pairs longer than "
+        "data.max_len tokens",
+        dropped,
+        filtered,
+    )
+    if pairs == 0:
+        raise DataError(
+            f"no training pairs left in {pair.src} and {pair.tgt} after dropping empty pairs "
+            "and pairs longer than data.max_len"
+        )
+    result.counts = {
+        "lines": lines[0],
+        "dropped_empty": dropped,
+        "filtered_long": filtered,
+        "pairs": pairs,
+    }
+    return result
+
+
+def _word_vocabs(cfg: DataConfig, train: _Tokenized) -> tuple[Vocab, Vocab]:
+    max_size = word_max_size(cfg)
+    if cfg.shared_vocab:
+        vocab = Vocab.from_counts(train.src_counts + train.tgt_counts, cfg.min_freq, max_size)
+        return vocab, vocab
+    return (
+        Vocab.from_counts(train.src_counts, cfg.min_freq, max_size),
+        Vocab.from_counts(train.tgt_counts, cfg.min_freq, max_size),
+    )
+
+
+def _warn_about_word_cap(cfg: DataConfig) -> None:
+    if cfg.vocab == "word" and cfg.max_size is None and word_max_size(cfg) is not None:
+        log.warning(
+            "a word vocabulary of a custom corpus is capped at data.max_size=%d tokens (rarer "
+            "words become <unk>); data.vocab=bpe covers every word with subword pieces and is "
+            "the better choice for a large corpus",
+            word_max_size(cfg),
+        )
+
+
+def _train_subwords(
+    cfg: DataConfig, tokens: Path, pairs: int, workers: int
+) -> tuple[Subword, Subword]:
+    """SentencePiece model(s) of the training split's tokens: one joint model when shared.
+
+    Trained on every sentence when there are at most `data.subword_sample` of them (source
+    sentences first, then target ones), else on a uniform random sample of that many.
+    """
+    started = time.perf_counter()
+    src_file, tgt_file = tokens / "train.src", tokens / "train.tgt"
+    if cfg.shared_vocab:
+        lines = _sample_lines([src_file, tgt_file], 2 * pairs, cfg.subword_sample)
+        joint = Subword.train_lines(lines, cfg.vocab, cfg.vocab_size, threads=workers)
+        models = (joint, joint)
     else:
-        subwords = _train_subwords(cfg, splits["train"])
-        _segment(splits, *subwords)
-        src_vocab, tgt_vocab = subwords[0].vocab(), subwords[1].vocab()
-    manifest = {
+        models = tuple(
+            Subword.train_lines(
+                _sample_lines([path], pairs, cfg.subword_sample),
+                cfg.vocab,
+                cfg.vocab_size,
+                threads=workers,
+            )
+            for path in (src_file, tgt_file)
+        )
+    sizes = str(len(models[0])) if cfg.shared_vocab else f"{len(models[0])} / {len(models[1])}"
+    log.info(
+        "trained %s %s subword model (%s pieces) on %d sentences in %.1f s",
+        "a joint" if cfg.shared_vocab else "a per-side",
+        cfg.vocab,
+        sizes,
+        min(pairs * (2 if cfg.shared_vocab else 1), cfg.subword_sample),
+        time.perf_counter() - started,
+    )
+    return models
+
+
+def _sample_lines(paths: list[Path], total: int, sample: int) -> Iterator[str]:
+    """The lines of `paths` read one after the other (`total` in all): every one when `total` is at
+    most `sample`, else a uniform random sample of `sample` lines, in file order."""
+    keep = None
+    if total > sample:
+        keep = np.sort(np.random.default_rng(SAMPLE_SEED).choice(total, sample, replace=False))
+    number = 0
+    cursor = 0  # position in keep
+    for path in paths:
+        with open(path, encoding="utf-8", newline="\n") as handle:
+            for line in handle:
+                if keep is None:
+                    yield line[:-1]
+                elif cursor < len(keep) and keep[cursor] == number:
+                    cursor += 1
+                    yield line[:-1]
+                number += 1
+
+
+def _encode_side(
+    name: str, side: str, dtype: np.dtype, pool: ChunkPool, tokens: Path, folder: Path
+) -> None:
+    """Pass 2 of one side of a split: its token file to `<name>.<side>.ids.npy` / `.offsets.npy`."""
+    writer = IdsWriter(folder, name, side, dtype)
+    with open(tokens / f"{name}.{side}", encoding="utf-8", newline="\n") as handle:
+        lines = (line[:-1] for line in handle)
+        tasks = ((list(chunk), side) for chunk in _batched(lines, CHUNK_TOKENS_LINES))
+        for ids, lengths in pool.map(encode_chunk, tasks):
+            writer.append(ids, lengths)
+    writer.close()
+
+
+CHUNK_TOKENS_LINES = 20_000  # token lines per encoding task
+
+
+def _batched(iterable, n: int):
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, n)):
+        yield chunk
+
+
+def _write_vocabularies(
+    folder: Path, src_vocab: Vocab, tgt_vocab: Vocab, subwords: tuple[Subword, Subword] | None
+) -> None:
+    write_json(folder / "src_vocab.json", src_vocab.to_list())
+    write_json(folder / "tgt_vocab.json", tgt_vocab.to_list())
+    if subwords is not None:
+        for side, subword in zip(("src", "tgt"), subwords, strict=True):
+            (folder / f"{side}_subword.model").write_bytes(subword.to_bytes())
+
+
+def _manifest(cfg, key, files, counts, src_vocab, tgt_vocab, vocabs, dtypes) -> dict:
+    return {
         "format_version": FORMAT_VERSION,
         "key": key,
         "settings": key_settings(cfg),
@@ -86,144 +335,13 @@ def _prepare(
             }
             for split, f in files.items()
         },
-        "splits": list(splits),
+        "splits": list(files),
         "counts": counts,
         "vocab_sizes": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
+        "ids_dtype": {"src": str(dtypes[0]), "tgt": str(dtypes[1])},
         "vocabularies": "given" if vocabs is not None else "learnt from train",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    src_subword, tgt_subword = subwords or (None, None)
-    numericalized = {
-        name: _numericalize(name, split, src_vocab, tgt_vocab) for name, split in splits.items()
-    }
-    write_cache(
-        PreparedData(
-            target, manifest, src_vocab, tgt_vocab, numericalized, src_subword, tgt_subword
-        )
-    )
-    log.info("prepared %s in %.1f s", target, time.perf_counter() - started)
-    return target
-
-
-def _word_vocabs(cfg: DataConfig, train: _TokenizedSplit) -> tuple[Vocab, Vocab]:
-    if cfg.shared_vocab:
-        both = [*train.src_tokens, *train.tgt_tokens]
-        vocab = Vocab.build(both, cfg.min_freq, cfg.max_size)
-        return vocab, vocab
-    return (
-        Vocab.build(train.src_tokens, cfg.min_freq, cfg.max_size),
-        Vocab.build(train.tgt_tokens, cfg.min_freq, cfg.max_size),
-    )
-
-
-def _train_subwords(cfg: DataConfig, train: _TokenizedSplit) -> tuple[Subword, Subword]:
-    """SentencePiece model(s) of the training split's tokens: one joint model when shared."""
-    started = time.perf_counter()
-    if cfg.shared_vocab:
-        both = [*train.src_tokens, *train.tgt_tokens]
-        joint = Subword.train(both, cfg.vocab, cfg.vocab_size)
-        models = (joint, joint)
-    else:
-        models = (
-            Subword.train(train.src_tokens, cfg.vocab, cfg.vocab_size),
-            Subword.train(train.tgt_tokens, cfg.vocab, cfg.vocab_size),
-        )
-    sizes = str(len(models[0])) if cfg.shared_vocab else f"{len(models[0])} / {len(models[1])}"
-    log.info(
-        "trained %s %s subword model (%s pieces) in %.1f s",
-        "a joint" if cfg.shared_vocab else "a per-side",
-        cfg.vocab,
-        sizes,
-        time.perf_counter() - started,
-    )
-    return models
-
-
-def _segment(splits: dict[str, _TokenizedSplit], src: Subword, tgt: Subword) -> None:
-    """Replace every split's word tokens by their subword pieces, in place."""
-    for split in splits.values():
-        split.src_tokens = src.segment_many(split.src_tokens)
-        split.tgt_tokens = tgt.segment_many(split.tgt_tokens)
-
-
-@dataclass
-class _TokenizedSplit:
-    src_tokens: list[list[str]]
-    tgt_tokens: list[list[str]]
-    src_lines: list[str] | None  # raw text, kept for every split but train
-    ref_lines: list[str] | None
-
-
-def _tokenize(
-    cfg: DataConfig, files: dict[str, SplitFiles]
-) -> tuple[dict[str, _TokenizedSplit], dict[str, dict[str, int]]]:
-    """Read and tokenize every split, cleaning the training split; return them and their counts."""
-    src_tok = Tokenizer(cfg.src, cfg.lowercase)
-    tgt_tok = Tokenizer(cfg.tgt, cfg.lowercase)
-    splits: dict[str, _TokenizedSplit] = {}
-    counts: dict[str, dict[str, int]] = {}
-    for split, pair in files.items():
-        src_lines, tgt_lines = read_parallel(
-            pair.src, pair.tgt, allow_empty=split not in ("train", "val")
-        )
-        src_tokens = list(src_tok.pipe(src_lines))
-        tgt_tokens = list(tgt_tok.pipe(tgt_lines))
-        if split != "train":
-            splits[split] = _TokenizedSplit(src_tokens, tgt_tokens, src_lines, tgt_lines)
-            counts[split] = {"lines": len(src_lines), "pairs": len(src_lines)}
-            continue
-        src_tokens, tgt_tokens, dropped, filtered = _clean_train(
-            src_tokens, tgt_tokens, cfg.max_len
-        )
-        log.info(
-            "train: dropped %d pairs with an empty side, filtered %d pairs longer than "
-            "data.max_len=%d tokens",
-            dropped,
-            filtered,
-            cfg.max_len,
-        )
-        if not src_tokens:
-            raise DataError(
-                f"no training pairs left in {pair.src} and {pair.tgt} after dropping empty pairs "
-                f"and pairs longer than data.max_len={cfg.max_len}"
-            )
-        splits[split] = _TokenizedSplit(src_tokens, tgt_tokens, None, None)
-        counts[split] = {
-            "lines": len(src_lines),
-            "dropped_empty": dropped,
-            "filtered_long": filtered,
-            "pairs": len(src_tokens),
-        }
-    return splits, counts
-
-
-def _clean_train(
-    src_tokens: list[list[str]], tgt_tokens: list[list[str]], max_len: int
-) -> tuple[list[list[str]], list[list[str]], int, int]:
-    """Drop pairs with an empty side and pairs longer than `max_len`; return the rest and both counts."""
-    kept_src, kept_tgt = [], []
-    dropped = filtered = 0
-    for src, tgt in zip(src_tokens, tgt_tokens, strict=True):
-        if not src or not tgt:
-            dropped += 1
-        elif len(src) > max_len or len(tgt) > max_len:
-            filtered += 1
-        else:
-            kept_src.append(src)
-            kept_tgt.append(tgt)
-    return kept_src, kept_tgt, dropped, filtered
-
-
-def _numericalize(
-    name: str, split: _TokenizedSplit, src_vocab: Vocab, tgt_vocab: Vocab
-) -> SplitData:
-    return SplitData(
-        name,
-        [src_vocab.encode(tokens) for tokens in split.src_tokens],
-        [tgt_vocab.encode(tokens) for tokens in split.tgt_tokens],
-        split.src_lines,
-        split.ref_lines,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,4 +368,23 @@ def load_or_prepare(cfg: DataConfig, vocabs: Vocabularies | None = None) -> Prep
     path = existing_cache(cfg, vocabs)
     if path is None:
         path = _prepare(cfg, corpus_files(cfg), vocabs)
+    return read_cache(path, cfg)
+
+
+def wait_for_prepared(cfg: DataConfig, vocabs: Vocabularies | None = None) -> PreparedData:
+    """Load the cache another process is preparing, once its manifest exists; never prepares.
+
+    Waits at most `data.prepare_wait` minutes, then raises a DataError that says how to prepare
+    the data as a step of its own.
+    """
+    deadline = time.monotonic() + cfg.prepare_wait * 60
+    while (path := existing_cache(cfg, vocabs)) is None:
+        if time.monotonic() >= deadline:
+            raise DataError(
+                f"no prepared data appeared under {cache_root(cfg)} within "
+                f"data.prepare_wait={cfg.prepare_wait:g} minutes (the first process prepares it; "
+                "does every process see the same data.root?): prepare it first with "
+                "`mt-prepare` and the same data.* settings, or raise data.prepare_wait"
+            )
+        time.sleep(WAIT_POLL_S)
     return read_cache(path, cfg)

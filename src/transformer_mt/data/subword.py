@@ -44,6 +44,16 @@ class Subword:
     ) -> Subword:
         """Learn a `kind` ("bpe" or "unigram") model of at most `vocab_size` pieces, specials
         included. A corpus too small for that many pieces gives a smaller vocabulary."""
+        return cls.train_lines(
+            (" ".join(tokens) for tokens in token_lists), kind, vocab_size, threads
+        )
+
+    @classmethod
+    def train_lines(
+        cls, lines: Iterable[str], kind: str, vocab_size: int, threads: int = 2
+    ) -> Subword:
+        """`train` on token lines (a sentence's tokens joined by single spaces); empty lines are
+        skipped. Every line given is used: a caller with a large corpus passes a sample."""
         import sentencepiece as spm
 
         if kind not in KINDS:
@@ -51,7 +61,7 @@ class Subword:
         model = io.BytesIO()
         spm.set_random_generator_seed(1234)  # unigram's sampling: the same corpus, the same model
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(" ".join(tokens) for tokens in token_lists if tokens),
+            sentence_iterator=(line for line in lines if line),
             model_writer=model,
             model_type=kind,
             vocab_size=vocab_size,
@@ -61,7 +71,7 @@ class Subword:
             remove_extra_whitespaces=False,
             split_digits=False,
             max_sentence_length=1 << 16,
-            input_sentence_size=0,  # every sentence
+            input_sentence_size=0,  # every sentence given
             num_threads=threads,
             pad_id=0,
             unk_id=1,
@@ -93,6 +103,11 @@ class Subword:
         """`segment` of many sentences at once (SentencePiece's batch call)."""
         pieces = self._sp.encode([" ".join(tokens) for tokens in token_lists], out_type=str)
         return [p if tokens else [] for p, tokens in zip(pieces, token_lists, strict=True)]
+
+    def encode_lines(self, lines: Sequence[str], as_ids: bool = False) -> list[list]:
+        """Pieces (or, with `as_ids`, piece ids) of many token lines at once."""
+        encoded = self._sp.encode(list(lines), out_type=int if as_ids else str)
+        return [p if line else [] for p, line in zip(encoded, lines, strict=True)]
 
     def join(self, pieces: Sequence[str]) -> list[str]:
         """Word tokens of a sentence's pieces (the inverse of `segment`)."""

@@ -98,6 +98,16 @@ class Detokenizer:
         return self._moses.detokenize(words, unescape=False)
 
 
+def check_language(lang: str) -> None:
+    """A ConfigError unless spaCy has a tokenizer for `lang`; cheaper than building one."""
+    from spacy.util import get_lang_class
+
+    try:
+        get_lang_class(lang)
+    except ImportError:
+        raise _unknown_language(lang) from None
+
+
 @functools.cache
 def _blank_pipeline(lang: str):
     """One blank pipeline per language per process (building one takes seconds for some)."""
@@ -106,7 +116,11 @@ def _blank_pipeline(lang: str):
     try:
         return spacy.blank(lang)
     except ImportError:
-        raise ConfigError(
-            f"no spaCy tokenizer for language code {lang!r}: use a code spaCy knows "
-            "(en, de, fr, cs, ...; see https://spacy.io/usage/models#languages)"
-        ) from None
+        raise _unknown_language(lang) from None
+
+
+def _unknown_language(lang: str) -> ConfigError:
+    return ConfigError(
+        f"no spaCy tokenizer for language code {lang!r}: use a code spaCy knows "
+        "(en, de, fr, cs, ...; see https://spacy.io/usage/models#languages)"
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
@@ -34,11 +34,16 @@ class Vocab:
 
         `max_size` caps the whole vocabulary, the four specials included.
         """
-        counts = Counter(token for tokens in token_lists for token in tokens)
-        for special in SPECIALS:
-            counts.pop(special, None)
+        return cls.from_counts(Counter(token for tokens in token_lists for token in tokens),
+                               min_freq, max_size)  # fmt: skip
+
+    @classmethod
+    def from_counts(
+        cls, counts: Mapping[str, int], min_freq: int = 1, max_size: int | None = None
+    ) -> Vocab:
+        """`build` from token counts already made (a corpus counted chunk by chunk)."""
         kept = sorted(
-            (token for token, count in counts.items() if count >= min_freq),
+            (t for t, count in counts.items() if count >= min_freq and t not in SPECIALS),
             key=lambda token: (-counts[token], token),
         )
         if max_size is not None:

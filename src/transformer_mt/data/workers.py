@@ -1,0 +1,213 @@
+"""The pure work of a preparation, one chunk of lines at a time, and the pool that runs it.
+
+`prepare` (dataset.py) owns the files, the order and the counts; the functions here take a chunk
+of plain data and return plain data, so that they run the same in the preparing process
+(`data.workers=1`) or in a pool of worker processes. Each process sets its tools up once
+(`start_tokenizing`, `start_encoding`) and keeps them in `_tools`.
+
+    tokenize_chunk(src_lines, tgt_lines, clean)  -> TokenizedChunk   spaCy, then (train) filtering
+    encode_chunk(token_lines, side)               -> (ids, lengths)   SentencePiece or word ids
+
+A token line is a sentence's tokens joined by single spaces (spaCy never puts a space inside a
+token), the form the temporary token files and SentencePiece's training both use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from transformer_mt.data.subword import Subword
+from transformer_mt.data.tokenize import Tokenizer
+from transformer_mt.data.vocab import UNK, Vocab
+from transformer_mt.errors import DataError
+
+_tools: dict[str, Any] = {}  # this process's tokenizers or encoders
+
+
+def resolve_workers(workers: int | None) -> int:
+    """`data.workers`, None meaning every core this process may use."""
+    if workers is not None:
+        return workers
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+@dataclass
+class TokenizedChunk:
+    """One chunk's token lines ("\\n"-joined, one per kept pair) and what cleaning removed."""
+
+    src: str
+    tgt: str
+    pairs: int
+    dropped_empty: int = 0
+    filtered_long: int = 0
+    src_counts: Counter | None = None  # token counts, when a word vocabulary is being learnt
+    tgt_counts: Counter | None = None
+
+
+def start_tokenizing(src_lang: str, tgt_lang: str, lowercase: bool, max_len: int) -> None:
+    _tools.clear()
+    _tools.update(src=Tokenizer(src_lang, lowercase), tgt=Tokenizer(tgt_lang, lowercase))
+    _tools["max_len"] = max_len
+
+
+def tokenize_chunk(task: tuple[list[str], list[str], bool, bool]) -> TokenizedChunk:
+    """spaCy tokens of a chunk of pairs. With `clean` (the training split) pairs with an empty side
+    or longer than max_len tokens are left out and counted; with `count`, tokens are counted."""
+    src_lines, tgt_lines, clean, count = task
+    src_tokens = list(_tools["src"].pipe(src_lines))
+    tgt_tokens = list(_tools["tgt"].pipe(tgt_lines))
+    chunk = TokenizedChunk("", "", 0)
+    if clean:
+        max_len = _tools["max_len"]
+        kept_src, kept_tgt = [], []
+        for src, tgt in zip(src_tokens, tgt_tokens, strict=True):
+            if not src or not tgt:
+                chunk.dropped_empty += 1
+            elif len(src) > max_len or len(tgt) > max_len:
+                chunk.filtered_long += 1
+            else:
+                kept_src.append(src)
+                kept_tgt.append(tgt)
+        src_tokens, tgt_tokens = kept_src, kept_tgt
+    if count:
+        chunk.src_counts = Counter(itertools.chain.from_iterable(src_tokens))
+        chunk.tgt_counts = Counter(itertools.chain.from_iterable(tgt_tokens))
+    chunk.src = "".join(" ".join(tokens) + "\n" for tokens in src_tokens)
+    chunk.tgt = "".join(" ".join(tokens) + "\n" for tokens in tgt_tokens)
+    chunk.pairs = len(src_tokens)
+    return chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def start_encoding(
+    src_vocab: list[str],
+    tgt_vocab: list[str],
+    subword: tuple[str, bytes, bytes] | None,
+    dtypes: tuple[str, str],
+) -> None:
+    """Set up both sides' encoders: vocabularies (as lists), subword (kind, src bytes, tgt bytes)."""
+    _tools.clear()
+    models = (None, None) if subword is None else (
+        Subword(subword[1], subword[0]), Subword(subword[2], subword[0])
+    )  # fmt: skip
+    for side, itos, model, dtype in zip(
+        ("src", "tgt"), (src_vocab, tgt_vocab), models, dtypes, strict=True
+    ):
+        _tools[side] = _Encoder(Vocab(itos), model, np.dtype(dtype))
+
+
+def encode_chunk(task: tuple[list[str], str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of a chunk of token lines of one side (`src` or `tgt`), end to end, and their lengths."""
+    lines, side = task
+    return _tools[side](lines)
+
+
+class _Encoder:
+    """Token lines -> ids: SentencePiece's own ids when the vocabulary is its pieces, else lookups."""
+
+    def __init__(self, vocab: Vocab, subword: Subword | None, dtype: np.dtype) -> None:
+        self.vocab, self.subword, self.dtype = vocab, subword, dtype
+        self.native_ids = subword is not None and subword.vocab() == vocab
+
+    def __call__(self, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.subword is not None:
+            seqs = self.subword.encode_lines(lines, as_ids=self.native_ids)
+        else:
+            seqs = [line.split(" ") if line else [] for line in lines]
+        if not (self.subword is not None and self.native_ids):
+            stoi = self.vocab.stoi
+            seqs = [[stoi.get(token, UNK) for token in seq] for seq in seqs]
+        lengths = np.fromiter((len(seq) for seq in seqs), dtype=np.int64, count=len(seqs))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(seqs), dtype=self.dtype, count=int(lengths.sum())
+        )
+        return ids, lengths
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+class ChunkPool:
+    """`map` of a chunk function in `workers` processes (spawned: safe after torch is loaded),
+    results in input order, at most two chunks per worker in flight; `workers=1` runs in this
+    process. Use as a context manager: leaving it stops the workers.
+
+    An error while a worker sets up (say, a language spaCy does not know) or runs a chunk is
+    raised here, in the caller, as it was raised there; a worker that dies (killed, out of
+    memory) is a DataError, never a hang.
+    """
+
+    def __init__(self, workers: int, start: Callable[..., None], args: tuple) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            self._pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_or_keep_error,
+                initargs=(start, args),
+            )
+        else:
+            start(*args)
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        if self._pool is None:
+            yield from map(fn, tasks)
+            return
+        pending: deque = deque()
+        try:
+            for task in tasks:
+                pending.append(self._pool.submit(_run, fn, task))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as error:
+            raise DataError(
+                "a data preparation worker process died (out of memory? killed?); "
+                "try fewer data.workers"
+            ) from error
+
+    def __enter__(self) -> ChunkPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc_info[0] is not None)
+        _tools.clear()
+
+
+def _start_or_keep_error(start: Callable[..., None], args: tuple) -> None:
+    """A worker's initializer: an error is kept for its first chunk to raise (an initializer
+    that raises would break the whole pool and lose the error's message)."""
+    try:
+        start(*args)
+    except Exception as error:  # noqa: BLE001 - raised again by _run, in the caller
+        _tools["error"] = error
+
+
+def _run(fn: Callable[[Any], Any], task: Any) -> Any:
+    if "error" in _tools:
+        raise _tools["error"]
+    return fn(task)

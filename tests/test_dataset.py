@@ -208,7 +208,9 @@ def test_a_damaged_cache_is_a_one_line_error(tmp_path):
             (path / name).write_bytes(damaged)
             data = load_prepared(cfg)
             assert len(data.split("train")) > 0  # the other splits still load
-            with pytest.raises(DataError, match="is damaged .*delete that folder and prepare again"):
+            with pytest.raises(
+                DataError, match="is damaged .*delete that folder and prepare again"
+            ):
                 data.split("val")
         (path / name).write_bytes(intact)
 

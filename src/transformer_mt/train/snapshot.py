@@ -32,14 +32,15 @@ from transformer_mt.data.subword import subword_state
 from transformer_mt.errors import CheckpointError
 from transformer_mt.train import distributed as dist
 from transformer_mt.train.optim import PlateauSchedule
-from transformer_mt.train.rundir import RunPaths
+from transformer_mt.train.rundir import RunPaths, new_run_id
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
 from transformer_mt.train.step import Meter
 from transformer_mt.train.validation import Validation
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run must keep (they decide the data order or the optimizer state) ...
+# Settings a resumed run must keep (they decide the data order, the optimizer state or the
+# learning-rate schedule) ...
 RESUME_FIXED = (
     "data.max_tokens",
     "data.limit_train",
@@ -48,6 +49,7 @@ RESUME_FIXED = (
     "optim.betas",
     "optim.eps",
     "optim.weight_decay",
+    "optim.lr",  # the saved schedule's level rules the rate: a new peak would not be used
 )
 # ... and those that differ by nature between a run and its resume.
 RESUME_IGNORED = (
@@ -71,6 +73,7 @@ class RunCheckpoints:
         self.paths, self.cfg, self.data, self.model = paths, cfg, data, model
         self.last_saved: Path | None = None
         self.saved_step = 0
+        self.run_id: str | None = new_run_id()  # a resume takes its checkpoint's
 
     def checkpoint(
         self, progress: Progress, metrics: dict[str, float], train_state: dict | None = None
@@ -150,6 +153,7 @@ class Resumable:
             "progress": self.progress.state_dict(),
             "ranks": rank_states,  # per rank: RNG states, partial-epoch loss
             "world_size": self.info.world_size,
+            "run_id": self.checkpoints.run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -181,6 +185,7 @@ class Resumable:
         self.load_state_dict(payload["train_state"])
         self.model.load_state_dict(payload["model"])
         self.metrics = dict(payload["metrics"])
+        self.checkpoints.run_id = payload["train_state"].get("run_id")
         self._saved(path)
         p = self.progress
         log.info(
@@ -272,8 +277,8 @@ def check_resumable(
     """The training state of checkpoint `path`, if this run (`cfg`, `data`) can continue it.
 
     Raises CheckpointError for a file without training state, other model settings, other
-    vocabularies, or a setting that decides the data order or the optimizer state; other changed
-    settings (a new optim.lr, a longer trainer.max_time, ...) are allowed and logged.
+    vocabularies, or a setting that decides the data order, the optimizer state or the rate
+    (`RESUME_FIXED`); other changed settings (a longer trainer.max_time, ...) are allowed and logged.
     """
     state = payload.get("train_state")
     if state is None:
@@ -307,7 +312,7 @@ def _check_changed_settings(path: Path, stored: dict, cfg: TrainConfig) -> None:
             old, new = changed[key]
             raise CheckpointError(
                 f"{path} was trained with {key}={old}, this resume asks for {key}={new}: "
-                f"it decides the data order or the optimizer state, so resume with "
+                f"it decides the data order, the optimizer state or the learning rate, so resume with "
                 f"{key}={old} (or start a new run from this one's weights)"
             )
     for key, (old, new) in sorted(changed.items()):

@@ -602,6 +602,24 @@ def test_config_errors_name_the_key_and_do_no_work(
     assert not (tmp_path / "data" / "cache").exists()  # nothing prepared
 
 
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+        ("max_epochs=abc", "max_epochs"),
+        ("trainer.max_epochs=abc", "'abc'"),
+        ("model=huge", "model/huge"),
+    ],
+)
+def test_hydra_override_errors_are_one_line_with_status_2(
+    config_corpus, tmp_path, monkeypatch, capsys, override, fragment
+):
+    code, err = run_train(overrides(config_corpus, tmp_path, "bad", override), monkeypatch, capsys)
+    assert code == 2, err
+    _one_line_error(err, fragment)
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "result").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # Numerics
 

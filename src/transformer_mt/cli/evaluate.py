@@ -35,7 +35,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
+from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors, run_hydra
 from transformer_mt.config import DataConfig, DecodeConfig, EvaluateConfig, to_dataclass
 from transformer_mt.data.corpus import check_split, read_parallel, split_paths
 from transformer_mt.data.dataset import load_prepared
@@ -226,7 +226,7 @@ def _run(node: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    _run()
+    run_hydra(_run)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,10 @@ class DecodeConfig:
     max_len_a: int = 10  # hypotheses stop at max_len_a + max_len_b * source_length tokens
     max_len_b: float = 1.5
     nbest: int = 1
-    batch_size: int = 128  # sentences per decoding batch
+    batch_size: int = 128  # sentences per decoding batch, at most ...
+    # ... and at most this many padded source tokens x beam_size (one sentence alone always goes):
+    # what a search holds (encoder output, caches, attention) grows with it, not with the lines.
+    max_tokens: int = 16384
 
     def __post_init__(self) -> None:
         _positive("decode.beam_size", self.beam_size)
@@ -298,6 +301,7 @@ class DecodeConfig:
         _at_most("decode.max_len_b", self.max_len_b, MAX_LEN_B)
         _positive("decode.nbest", self.nbest)
         _positive("decode.batch_size", self.batch_size)
+        _positive("decode.max_tokens", self.max_tokens)
         if self.nbest > self.beam_size:
             raise ConfigError(
                 f"decode.nbest={self.nbest} exceeds decode.beam_size={self.beam_size}: "

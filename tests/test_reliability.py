@@ -341,7 +341,6 @@ def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
         "trainer.accumulate=2",
         "trainer.seed=7",
         "optim.weight_decay=0.01",
-        "optim.lr=0.001",
     ],
 )
 def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
@@ -364,6 +363,37 @@ def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
     _one_line_error(err.strip() + "\n", str(last), f"this resume asks for {override}", key)
     assert last.read_bytes() == before
     assert not (tmp_path / "result" / "changed").exists()  # a refused resume writes no logs
+
+
+def test_resume_with_a_new_learning_rate_uses_it_and_says_how(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys
+):
+    """The log, the optimizer and last.pt agree on the new rate: the saved schedule is scaled."""
+    data_root, good = one_step_run
+    saved = tmp_path / "saved" / "new-lr"
+    saved.mkdir(parents=True)
+    save_checkpoint(load_checkpoint(good), saved / "last.pt")
+    args = overrides(
+        config_corpus,
+        tmp_path,
+        "new-lr",
+        "trainer.resume=true",
+        "optim.lr=1e-3",
+        "trainer.max_steps=2",
+        data_root=data_root,
+    )
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 0, err
+    state = load_checkpoint(saved / "last.pt")["train_state"]
+    # Step 2 of a 50-step warmup to the new peak of 1e-3 (3e-3 would give 1.2e-4).
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2 / 50 * 1e-3)
+    assert state["schedule"]["level"] == pytest.approx(1e-3)
+    log_text = (tmp_path / "result" / "new-lr" / "train.log").read_text()
+    assert "resuming with optim.lr=0.001 (the run so far used 0.003)" in log_text
+    assert "scaled by 0.3333" in log_text
+    rows = (tmp_path / "result" / "new-lr" / "metrics.csv").read_text().splitlines()[1:]
+    epochs = [row.split(",")[0] for row in rows]
+    assert len(epochs) == len(set(epochs))  # no epoch has two rows
 
 
 def test_a_refused_resume_keeps_the_config_and_logs_it_found(

@@ -18,7 +18,7 @@ import torch
 
 from transformer_mt.config import TrainConfig
 from transformer_mt.data.dataset import load_or_prepare
-from transformer_mt.errors import ConfigError, UserError
+from transformer_mt.errors import ConfigError
 from transformer_mt.train import distributed as dist
 from transformer_mt.train.finetune import InitCheckpoint
 from transformer_mt.train.logging import log_file, write_config
@@ -26,6 +26,7 @@ from transformer_mt.train.rundir import (
     RunPaths,
     check_logs_belong,
     check_start,
+    file_version,
     new_run_id,
     open_run,
     write_run_id,
@@ -65,9 +66,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             data = load_or_prepare(cfg.data, vocabs)
         trainer = Trainer(cfg, data, paths, info, device)
         _check_validation_split(trainer, cfg)
-        loaded = None
+        resumed = None
         if cfg.trainer.resume:
-            loaded = _file_version(paths.last)
+            resumed = dist.run_on_main(info, lambda: file_version(paths.last))
             trainer.load(paths.last)
             run_id = dist.run_on_main(
                 info, lambda: check_logs_belong(paths, trainer.checkpoints.run_id)
@@ -76,11 +77,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         elif init is not None:
             trainer.init_weights(init)
         # Then the run's folders: lock, log file, config and identity.
-        lock = dist.run_on_main(info, lambda: open_run(paths, cfg.trainer.resume))
+        lock = dist.run_on_main(info, lambda: open_run(paths, cfg.trainer.resume, resumed))
         if info.is_main:
             cleanup.callback(lock.release)
-            if loaded is not None and _file_version(paths.last) != loaded:
-                raise UserError(f"{paths.last} changed while this resume started: start it again")
             cleanup.enter_context(log_file(paths.result / "train.log"))
             _replay(held, paths.result / "train.log")
             write_config(paths.result / "config.yaml", cfg)
@@ -101,12 +100,6 @@ def _check_validation_split(trainer: Trainer, cfg: TrainConfig) -> None:
             "tokens (with BOS/EOS), so there is nothing to validate on: raise "
             "model.max_positions or give shorter validation pairs"
         )
-
-
-def _file_version(path: Path) -> tuple[int, int, int]:
-    """What tells one version of `path` from the next (each write replaces the file)."""
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 @contextlib.contextmanager

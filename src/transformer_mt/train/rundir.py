@@ -165,9 +165,10 @@ def write_run_id(paths: RunPaths, run_id: str) -> None:
             handle.write(json.dumps({"run_id": run_id}) + "\n")
 
 
-def open_run(paths: RunPaths, resume: bool) -> RunLock:
+def open_run(paths: RunPaths, resume: bool, resumed: tuple | None = None) -> RunLock:
     """Check that the run may start, prove its folders writable and lock it; return the lock.
 
+    `resumed`: the `file_version` of the last.pt a resume has read; it must still be that file.
     On any failure nothing is left behind: the folders created here are removed again.
     """
     check_start(paths, resume)
@@ -178,6 +179,8 @@ def open_run(paths: RunPaths, resume: bool) -> RunLock:
         ensure_writable(paths.result)
         lock.acquire()
         check_start(paths, resume)  # again, now that no other process can start it
+        if resumed is not None and file_version(paths.last) != resumed:
+            raise UserError(f"{paths.last} changed while this resume started: start it again")
     except BaseException:
         lock.release()
         for folder in created:
@@ -185,6 +188,12 @@ def open_run(paths: RunPaths, resume: bool) -> RunLock:
                 folder.rmdir()
         raise
     return lock
+
+
+def file_version(path: Path) -> tuple[int, int, int]:
+    """What tells one version of `path` from the next (each save replaces the file)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 class RunLock:

@@ -39,8 +39,7 @@ from transformer_mt.train.validation import Validation
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run must keep (they decide the data order, the optimizer state or the
-# learning-rate schedule) ...
+# Settings a resumed run must keep (they decide the data order or the optimizer state) ...
 RESUME_FIXED = (
     "data.max_tokens",
     "data.limit_train",
@@ -49,7 +48,6 @@ RESUME_FIXED = (
     "optim.betas",
     "optim.eps",
     "optim.weight_decay",
-    "optim.lr",  # the saved schedule's level rules the rate: a new peak would not be used
 )
 # ... and those that differ by nature between a run and its resume.
 RESUME_IGNORED = (
@@ -277,8 +275,9 @@ def check_resumable(
     """The training state of checkpoint `path`, if this run (`cfg`, `data`) can continue it.
 
     Raises CheckpointError for a file without training state, other model settings, other
-    vocabularies, or a setting that decides the data order, the optimizer state or the rate
-    (`RESUME_FIXED`); other changed settings (a longer trainer.max_time, ...) are allowed and logged.
+    vocabularies, or a setting that decides the data order or the optimizer state; other changed
+    settings (a new optim.lr, a longer trainer.max_time, ...) are allowed and logged. A new optim.lr
+    scales the saved schedule (`PlateauSchedule.load_state_dict`).
     """
     state = payload.get("train_state")
     if state is None:
@@ -312,11 +311,16 @@ def _check_changed_settings(path: Path, stored: dict, cfg: TrainConfig) -> None:
             old, new = changed[key]
             raise CheckpointError(
                 f"{path} was trained with {key}={old}, this resume asks for {key}={new}: "
-                f"it decides the data order, the optimizer state or the learning rate, so resume with "
+                f"it decides the data order or the optimizer state, so resume with "
                 f"{key}={old} (or start a new run from this one's weights)"
             )
     for key, (old, new) in sorted(changed.items()):
-        log.warning("resuming with %s=%s (the run so far used %s)", key, new, old)
+        scaled = (
+            f": the saved schedule's rates are scaled by {new / old:.4g}"
+            if key == "optim.lr"
+            else ""
+        )
+        log.warning("resuming with %s=%s (the run so far used %s)%s", key, new, old, scaled)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -302,6 +302,7 @@ def one_step_run(config_corpus, tmp_path_factory) -> tuple[Path, Path]:
         ("random-bytes", "is not a readable checkpoint"),
         ("other-model", "was trained with other model settings"),
         ("other-vocabulary", "was trained on other vocabularies"),
+        ("missing-weight", "does not hold the weights of this model (missing: "),
     ],
 )
 def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
@@ -319,6 +320,8 @@ def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
         payload = load_checkpoint(good)
         if problem == "other-model":
             payload["model_config"]["d_ff"] *= 2
+        elif problem == "missing-weight":
+            del payload["model"][sorted(payload["model"])[0]]
         else:
             payload["src_vocab"] = [*payload["src_vocab"], "extra"]
         save_checkpoint(payload, last)

@@ -101,7 +101,7 @@ class InitCheckpoint:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, with_optimizer: bool
     ) -> None:
         """Put the weights (and Adam's moments if `with_optimizer`) into a new run's model."""
-        _check_weights(self.path, self.payload["model"], model)
+        check_weights(self.path, self.payload["model"], model)
         model.load_state_dict(self.payload["model"])
         if not with_optimizer:
             return
@@ -147,7 +147,7 @@ def _check_model(path: Path, stored: dict[str, Any], model: ModelConfig) -> None
         )
 
 
-def _check_weights(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+def check_weights(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Refuse weights that do not fill `model` exactly: a missing, extra or reshaped tensor."""
     expected = model.state_dict()
     problems = {
@@ -163,5 +163,5 @@ def _check_weights(path: Path, weights: dict[str, torch.Tensor], model: torch.nn
     if found:
         raise CheckpointError(
             f"{path} does not hold the weights of this model ({'; '.join(found)}): "
-            "start from a checkpoint that training wrote"
+            "use a checkpoint that training wrote for this model"
         )

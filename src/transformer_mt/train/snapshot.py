@@ -31,6 +31,7 @@ from transformer_mt.data.cache import PreparedData
 from transformer_mt.data.subword import subword_state
 from transformer_mt.errors import CheckpointError
 from transformer_mt.train import distributed as dist
+from transformer_mt.train.finetune import check_weights
 from transformer_mt.train.optim import PlateauSchedule
 from transformer_mt.train.rundir import RunPaths, new_run_id
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
@@ -123,6 +124,7 @@ class RunCheckpoints:
         """Checkpoint `path`, checked to be one this run can continue (see `check_resumable`)."""
         payload = load_checkpoint(path)
         check_resumable(path, payload, self.cfg, self.data)
+        check_weights(path, payload["model"], self.model)
         return payload
 
 

@@ -26,6 +26,7 @@ from transformer_mt.train.rundir import (
     RunPaths,
     check_logs_belong,
     check_start,
+    check_unlocked,
     file_version,
     new_run_id,
     open_run,
@@ -59,7 +60,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         paths = RunPaths.create(cfg.run_name, cfg.saved_dir, cfg.result_dir)
         held = cleanup.enter_context(_held_records()) if info.is_main else None
         # The checks: folders, data, validation split, the checkpoint to continue or start from.
-        dist.run_on_main(info, lambda: check_start(paths, cfg.trainer.resume))
+        dist.run_on_main(info, lambda: _check_may_start(paths, cfg.trainer.resume))
         vocabs = init.vocabs if init is not None else None
         data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data, vocabs))
         if data is None:  # the other ranks load the cache rank 0 has just prepared
@@ -90,6 +91,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         except TrainingInterrupted as stop:
             log.warning("%s", stop)  # while train.log is still open
             raise
+
+
+def _check_may_start(paths: RunPaths, resume: bool) -> None:
+    """The folder checks `open_run` repeats under the lock, done first so a refusal costs nothing."""
+    check_start(paths, resume)
+    check_unlocked(paths)
 
 
 def _check_validation_split(trainer: Trainer, cfg: TrainConfig) -> None:

@@ -223,17 +223,7 @@ class RunLock:
                 except FileExistsError:
                     holder = _read_owner(self.path)
                     if holder is not None and _is_alive(holder):
-                        elsewhere = holder["host"] != socket.gethostname()
-                        raise UserError(
-                            f"run {self.path.parent.name!r} is already being trained by process "
-                            f"{holder['pid']} on {holder['host']} (lock {self.path}): "
-                            "wait for it to finish, or pick another run_name"
-                            + (
-                                f"; if no run on {holder['host']} uses it, delete {self.path}"
-                                if elsewhere
-                                else ""
-                            )
-                        ) from None
+                        raise _held_by(self.path, holder) from None
                     log.warning("taking over stale lock %s (owner %s is gone)", self.path, holder)
                     self.path.unlink(missing_ok=True)
                     continue
@@ -254,6 +244,25 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def check_unlocked(paths: RunPaths) -> None:
+    """Refuse early, before any work, when a live process holds the run's lock (`open_run`
+    takes the lock itself later, and checks again)."""
+    path = paths.saved / LOCK_NAME
+    holder = _read_owner(path) if path.exists() else None
+    if holder is not None and _is_alive(holder):
+        raise _held_by(path, holder)
+
+
+def _held_by(path: Path, holder: dict) -> UserError:
+    elsewhere = holder["host"] != socket.gethostname()
+    return UserError(
+        f"run {path.parent.name!r} is already being trained by process "
+        f"{holder['pid']} on {holder['host']} (lock {path}): "
+        "wait for it to finish, or pick another run_name"
+        + (f"; if no run on {holder['host']} uses it, delete {path}" if elsewhere else "")
+    )
 
 
 def _read_owner(path: Path) -> dict | None:

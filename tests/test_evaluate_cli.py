@@ -178,3 +178,36 @@ def test_each_checkpoint_of_a_run_keeps_its_own_hypotheses(toy, tmp_path, monkey
         run_evaluate(monkeypatch, f"checkpoint={checkpoint}", "split=val", f"result_dir={result}")
     names = sorted(p.name for p in (result / "toy-run" / "eval").glob("*.hyp"))
     assert names == ["val.best.beam5.hyp", "val.epoch_2.beam5.hyp"]
+
+
+def test_inputs_of_the_same_name_in_other_folders_keep_their_own_results(
+    toy, tmp_path, monkeypatch
+):
+    """Two test files named alike in two folders, and two checkpoints named alike in two folders,
+    each get their own .hyp and .json; scoring the same input again replaces its own."""
+    result = tmp_path / "result"
+    lines = {"d1": ("Zwei drei.\n", "Two three.\n"), "d2": ("Acht neun.\n", "Eight nine.\n")}
+    for folder, (src_text, ref_text) in lines.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.de").write_text(src_text, encoding="utf-8")
+        (tmp_path / folder / "test.en").write_text(ref_text, encoding="utf-8")
+    for folder in (*lines, "d1"):
+        run_evaluate(
+            monkeypatch,
+            f"checkpoint={toy.checkpoint}",
+            f"src_file={tmp_path / folder / 'test.de'}",
+            f"ref_file={tmp_path / folder / 'test.en'}",
+            f"result_dir={result}",
+            "decode.beam_size=1",
+        )
+    hyps = sorted((result / "toy-run" / "eval").glob("test.de.*.hyp"))
+    assert sorted(p.read_text(encoding="utf-8") for p in hyps) == ["Eight nine.\n", "Two three.\n"]
+    assert len(list((result / "toy-run" / "eval").glob("test.de.*.json"))) == 2
+
+    copies = [tmp_path / "a" / "best.pt", tmp_path / "b" / "best.pt"]
+    for copy in copies:
+        copy.parent.mkdir()
+        save_checkpoint(load_checkpoint(toy.checkpoint), copy)
+        run_evaluate(monkeypatch, f"checkpoint={copy}", "split=val", f"result_dir={result}")
+    reports = [json.loads(p.read_text()) for p in (result / "toy-run" / "eval").glob("val.*.json")]
+    assert sorted(report["checkpoint"] for report in reports) == sorted(map(str, copies))

@@ -197,3 +197,56 @@ def test_whitespace_lines_are_dropped_and_long_pairs_filtered_and_counted(
         r"train\s+2\s+\(of 4 lines: dropped 1 with an empty side, filtered 1 longer", out
     )
     assert re.search(r"val\s+1\n", out)
+
+
+@pytest.mark.parametrize(
+    ("make_train_file", "fragment"),
+    [
+        (lambda path: path.mkdir() or str(path), "train.de is a folder, not a file"),
+        (lambda path: os.devnull, f"{os.devnull} is not a regular file (a character device)"),
+    ],
+    ids=["folder", "dev-null"],
+)
+def test_a_train_file_that_is_not_a_file_says_what_it_is(
+    monkeypatch, capsys, tmp_path, make_train_file, fragment
+):
+    overrides = custom_overrides(tmp_path, None, "a dog\n")
+    train_src = make_train_file(tmp_path / "train.de")
+    overrides = [o for o in overrides if not o.startswith("data.train=")]
+    overrides.append(f"data.train=[{train_src},{tmp_path / 'train.en'}]")
+    status, _, err = run_prepare(monkeypatch, capsys, *overrides)
+    assert_one_line_error(status, err, fragment)
+    assert "does not exist" not in err
+    assert_nothing_prepared(tmp_path / "data")
+
+
+SIGTERM_WHILE_WRITING_THE_CACHE = """
+import os, signal, sys
+import transformer_mt.data.cache as cache
+from transformer_mt.cli.prepare import main
+
+write_json = cache._write_json
+
+def terminated_while_writing(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return write_json(*args, **kwargs)
+
+cache._write_json = terminated_while_writing
+sys.argv = ["prepare_data.py", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_while_writing_the_cache_leaves_no_temporary_folder(tmp_path):
+    overrides = custom_overrides(tmp_path, "ein Hund\n", "a dog\n")
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_WRITING_THE_CACHE, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 128 + 15, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "SIGTERM" in done.stderr
+    assert_nothing_prepared(tmp_path / "data")

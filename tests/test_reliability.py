@@ -30,6 +30,12 @@ The cases of the reliability checklist and where each is tested:
     NaN / inf loss: stop or skip, last good checkpoint    test_trainer: test_nan_loss_stops_...,
                                                           test_skip_nonfinite_skips_the_batch_...
     bf16 autocast and float32 give the same greedy output here: test_bf16_autocast_and_float32_...
+    a resume with another run's result folder (same name) here: test_a_resume_refuses_the_logs_...
+    a new optim.lr on resume: used, logged, in last.pt     here: test_resume_with_a_new_learning_...
+    a refused start leaves the run folders as they were   here: test_a_refused_resume_keeps_...,
+                                                          test_a_fine_tuning_checkpoint_missing_...
+    a validation split of only over-long pairs            here: test_a_validation_split_of_only_...
+    Hydra's own override errors: one line, status 2       here: test_hydra_override_errors_...
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import os
 import pickle
 import random
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -57,6 +64,7 @@ from train_support import (
     overrides,
     run_train,
     subprocess_env,
+    user_error_line,
     write_reversal_corpus,
 )
 
@@ -300,6 +308,7 @@ def one_step_run(config_corpus, tmp_path_factory) -> tuple[Path, Path]:
         ("random-bytes", "is not a readable checkpoint"),
         ("other-model", "was trained with other model settings"),
         ("other-vocabulary", "was trained on other vocabularies"),
+        ("missing-weight", "does not hold the weights of this model (missing: "),
     ],
 )
 def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
@@ -317,6 +326,8 @@ def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
         payload = load_checkpoint(good)
         if problem == "other-model":
             payload["model_config"]["d_ff"] *= 2
+        elif problem == "missing-weight":
+            del payload["model"][sorted(payload["model"])[0]]
         else:
             payload["src_vocab"] = [*payload["src_vocab"], "extra"]
         save_checkpoint(payload, last)
@@ -334,7 +345,12 @@ def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
 
 @pytest.mark.parametrize(
     "override",
-    ["data.max_tokens=300", "trainer.accumulate=2", "trainer.seed=7", "optim.weight_decay=0.01"],
+    [
+        "data.max_tokens=300",
+        "trainer.accumulate=2",
+        "trainer.seed=7",
+        "optim.weight_decay=0.01",
+    ],
 )
 def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
     config_corpus, one_step_run, tmp_path, monkeypatch, capsys, override
@@ -355,11 +371,13 @@ def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
     key = override.split("=")[0]
     _one_line_error(err.strip() + "\n", str(last), f"this resume asks for {override}", key)
     assert last.read_bytes() == before
+    assert not (tmp_path / "result" / "changed").exists()  # a refused resume writes no logs
 
 
-def test_resume_with_a_new_learning_rate_is_allowed_and_logged(
+def test_resume_with_a_new_learning_rate_uses_it_and_says_how(
     config_corpus, one_step_run, tmp_path, monkeypatch, capsys
 ):
+    """The log, the optimizer and last.pt agree on the new rate: the saved schedule is scaled."""
     data_root, good = one_step_run
     saved = tmp_path / "saved" / "new-lr"
     saved.mkdir(parents=True)
@@ -375,11 +393,107 @@ def test_resume_with_a_new_learning_rate_is_allowed_and_logged(
     )
     code, err = run_train(args, monkeypatch, capsys)
     assert code == 0, err
+    state = load_checkpoint(saved / "last.pt")["train_state"]
+    # Step 2 of a 50-step warmup to the new peak of 1e-3 (3e-3 would give 1.2e-4).
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2 / 50 * 1e-3)
+    assert state["schedule"]["level"] == pytest.approx(1e-3)
     log_text = (tmp_path / "result" / "new-lr" / "train.log").read_text()
     assert "resuming with optim.lr=0.001 (the run so far used 0.003)" in log_text
+    assert "scaled by 0.3333" in log_text
     rows = (tmp_path / "result" / "new-lr" / "metrics.csv").read_text().splitlines()[1:]
     epochs = [row.split(",")[0] for row in rows]
     assert len(epochs) == len(set(epochs))  # no epoch has two rows
+
+
+def test_a_refused_resume_keeps_the_config_and_logs_it_found(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys
+):
+    """The refused settings never replace result/<run>/config.yaml, and nothing is added there."""
+    data_root, good = one_step_run
+    shutil.copytree(good.parent.parent.parent / "result" / "one", tmp_path / "result" / "one")
+    (tmp_path / "saved" / "one").mkdir(parents=True)
+    save_checkpoint(load_checkpoint(good), tmp_path / "saved" / "one" / "last.pt")
+    before = _files(tmp_path)
+    args = overrides(
+        config_corpus, tmp_path, "one", "trainer.resume=true", "trainer.seed=7", data_root=data_root
+    )
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 2
+    assert "trainer.seed" in user_error_line(err)
+    assert _files(tmp_path) == before
+
+
+def test_a_resume_refuses_the_logs_of_another_run_of_the_same_name(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys
+):
+    """Two runs named alike in other folders: resuming the second with the first one's result_dir
+    must not cut the first run's metrics to the second one's steps."""
+    data_root, _ = one_step_run
+    first = [f"saved_dir={tmp_path / 'S1'}", f"result_dir={tmp_path / 'R1'}"]
+    second = [f"saved_dir={tmp_path / 'S2'}", f"result_dir={tmp_path / 'R2'}"]
+    for folders, epochs in ((first, 2), (second, 1)):
+        args = overrides(
+            config_corpus, tmp_path, "dup", f"trainer.max_epochs={epochs}", *folders,
+            data_root=data_root,
+        )  # fmt: skip
+        code, err = run_train(args, monkeypatch, capsys)
+        assert code == 0, err
+    before = _files(tmp_path / "R1")
+    mixed = [f"saved_dir={tmp_path / 'S2'}", f"result_dir={tmp_path / 'R1'}"]
+    args = overrides(
+        config_corpus, tmp_path, "dup", "trainer.resume=true", "trainer.max_epochs=2", *mixed,
+        data_root=data_root,
+    )  # fmt: skip
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 2, err
+    line = user_error_line(err)
+    assert str(tmp_path / "R1" / "dup") in line and "another run" in line, line
+    assert _files(tmp_path / "R1") == before
+
+
+def test_a_fine_tuning_checkpoint_missing_a_weight_is_refused_before_anything_is_written(
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys
+):
+    data_root, good = one_step_run
+    payload = load_checkpoint(good)
+    missing = sorted(payload["model"])[-1]
+    del payload["model"][missing]
+    damaged = tmp_path / "damaged.pt"
+    save_checkpoint(payload, damaged)
+    args = overrides(
+        config_corpus, tmp_path, "tuned", f"trainer.init_from={damaged}", data_root=data_root
+    )
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 2, err
+    line = user_error_line(err)
+    assert str(damaged) in line and missing in line, line
+    assert not (tmp_path / "saved" / "tuned").exists()
+    assert not (tmp_path / "result" / "tuned").exists()  # the retry is not blocked
+
+
+def test_a_validation_split_of_only_over_long_pairs_is_refused_before_training(
+    tmp_path, monkeypatch, capsys
+):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=20, n_val=3)
+    long_line = " ".join(["ant", "bee"] * 10)  # 20 tokens
+    corpus["val_src"].write_text((long_line + "\n") * 3)
+    corpus["val_tgt"].write_text((long_line + "\n") * 3)
+    args = overrides(corpus, tmp_path, "long", "model.max_positions=12", "trainer.max_epochs=1")
+    code, err = run_train(args, monkeypatch, capsys)
+    assert code == 2, err
+    line = user_error_line(err)
+    assert "model.max_positions=12" in line and "validation" in line, line
+    assert not (tmp_path / "saved" / "long").exists()
+    assert not (tmp_path / "result" / "long").exists()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -507,6 +621,11 @@ def config_corpus(tmp_path_factory):
         # Finding 10: devices torch knows but the trainer does not run on.
         ("trainer.device=meta", "trainer.device must be auto, cpu, cuda or cuda:N"),
         ("trainer.device=mps", "trainer.device must be auto, cpu, cuda or cuda:N"),
+        # Values past any useful range overflowed a float or an allocation far into the work.
+        ("decode.length_penalty=1000", "decode.length_penalty must be <= 10 (got 1000.0)"),
+        ("decode.max_len_b=1e308", "decode.max_len_b must be <= 1000 (got 1e+308)"),
+        ("model.max_positions=100000000000", "model.max_positions must be <= 65536"),
+        ("data.vocab_size=99999999999", "data.vocab_size must be <= 1000000"),
     ],
 )
 def test_config_errors_name_the_key_and_do_no_work(
@@ -520,6 +639,24 @@ def test_config_errors_name_the_key_and_do_no_work(
     saved = tmp_path / "saved"
     assert not saved.exists() or not any(p.is_file() for p in saved.rglob("*"))
     assert not (tmp_path / "data" / "cache").exists()  # nothing prepared
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+        ("max_epochs=abc", "max_epochs"),
+        ("trainer.max_epochs=abc", "'abc'"),
+        ("model=huge", "model/huge"),
+    ],
+)
+def test_hydra_override_errors_are_one_line_with_status_2(
+    config_corpus, tmp_path, monkeypatch, capsys, override, fragment
+):
+    code, err = run_train(overrides(config_corpus, tmp_path, "bad", override), monkeypatch, capsys)
+    assert code == 2, err
+    _one_line_error(err, fragment)
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "result").exists()
 
 
 # ------------------------------------------------------------------------------------------

@@ -152,13 +152,16 @@ def test_second_run_on_the_same_name_refuses_while_the_first_is_alive(
     try:
         lock = {"pid": holder.pid, "host": socket.gethostname()}
         (saved / LOCK_NAME).write_text(json.dumps(lock))
-        code, err = run_train(args_for(corpus, tmp_path, "busy"), monkeypatch, capsys)
+        fresh = tmp_path / "fresh-data"
+        args = args_for(corpus, tmp_path, "busy", f"data.root={fresh}")
+        code, err = run_train(args, monkeypatch, capsys)
     finally:
         holder.kill()
         holder.wait()
     assert code == 2
     assert f"already being trained by process {holder.pid}" in user_error_line(err)
     assert json.loads((saved / LOCK_NAME).read_text()) == lock  # the other run's lock stays
+    assert not fresh.exists()  # refused before any work: no data prepared
 
 
 def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_foreign_one_names_its_file(tmp_path):

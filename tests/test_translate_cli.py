@@ -262,3 +262,29 @@ def test_line_chunks_cut_a_line_over_the_byte_limit_as_it_streams() -> None:
     chunks = list(translate_cli.line_chunks(stream, max_lines=10, max_line_bytes=15))
     lines = [line for chunk in chunks for line in chunk]
     assert lines == ["abcdefghijabcde", "short", "ééééééé"]  # a cut character is dropped
+
+
+def test_an_output_folder_is_refused_before_translating(toy, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("translated before --output was checked")
+
+    monkeypatch.setattr(translate_cli, "translate_stream", never)
+    code, out, err = run_translate(capsys, str(toy.checkpoint), "--output", str(tmp_path), "Zwei.")
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"cannot write {tmp_path}: it is a folder" in err
+    assert out == ""
+
+
+def test_ctrl_c_exits_130_without_a_traceback(toy) -> None:
+    import signal
+
+    process = translate_command(str(toy.checkpoint), "--beam", "1")
+    process.stdin.write(b"Zwei drei.\n")
+    process.stdin.flush()
+    ready, _, _ = select.select([process.stdout], [], [], 120)
+    assert ready and process.stdout.readline() == b"Two three.\n"  # the model is loaded
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err

@@ -8,6 +8,7 @@ files like any custom corpus, trained for a few seconds with a plain Adam loop a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -207,3 +208,29 @@ def test_atomic_writer_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
     with atomic_writer(target) as handle:
         handle.write("new\n")
     assert target.read_text() == "new\n"
+
+
+def test_decoding_batches_keep_source_tokens_times_beam_within_max_tokens(
+    toy: ToyRun, translator: Translator, monkeypatch
+) -> None:
+    """Memory of a search grows with sentences x beam x source length: a batch of long lines is
+    cut by `decode.max_tokens`, whatever `decode.batch_size` allows; one line alone always goes."""
+    import transformer_mt.inference.translator as translator_module
+    from transformer_mt.inference.search import Hypothesis
+
+    shapes = []
+
+    def record(model, src, cfg, **kwargs):
+        shapes.append(tuple(src.shape))
+        return [[Hypothesis([], 0.0)] for _ in range(src.shape[0])]
+
+    monkeypatch.setattr(translator_module, "search", record)
+    word = toy.src_vocab.encode(["zwei"])[0]
+    sources = [[word] * 30] * 20 + [[word] * 3] * 40  # 30 words: cut to the 23 the toy reads
+    cfg = DecodeConfig(beam_size=5, batch_size=128, max_tokens=500)
+    decode_ids(translator.model, sources, cfg, "cpu")
+    assert sum(rows for rows, _ in shapes) == len(sources)
+    assert all(rows * length * cfg.beam_size <= cfg.max_tokens for rows, length in shapes)
+    shapes.clear()
+    decode_ids(translator.model, sources[:3], dataclasses.replace(cfg, max_tokens=50), "cpu")
+    assert shapes == [(1, 24)] * 3

@@ -27,6 +27,13 @@ MIN_SUBWORD_VOCAB = 16  # the 4 specials and room for some characters
 # Largest decode.beam_size: the search holds batch_size x beam_size hypotheses, and beyond a few
 # dozen a wider beam only lowers BLEU (the "beam search curse"); 256 is far past any useful width.
 MAX_BEAM_SIZE = 256
+# Upper bounds far past any useful value, below those where a float overflows or an allocation
+# explodes: ((5 + length) / 6) ** length_penalty, max_len_b * source length, the positional table
+# (max_positions x d_model floats), SentencePiece's piece table.
+MAX_LENGTH_PENALTY = 10
+MAX_LEN_B = 1000
+MAX_POSITIONS = 65536
+MAX_VOCAB_SIZE = 1_000_000
 
 
 def _finite(name: str, value: float | None) -> None:
@@ -47,6 +54,11 @@ def _non_negative(name: str, value: float | None) -> None:
     _finite(name, value)
     if value is not None and value < 0:
         raise ConfigError(f"{name} must be >= 0 (got {value})")
+
+
+def _at_most(name: str, value: float, limit: float) -> None:
+    if value > limit:
+        raise ConfigError(f"{name} must be <= {limit} (got {value})")
 
 
 def _probability(name: str, value: float) -> None:
@@ -114,6 +126,7 @@ class DataConfig:
             raise ConfigError(
                 f"data.vocab_size must be >= {MIN_SUBWORD_VOCAB} (got {self.vocab_size})"
             )
+        _at_most("data.vocab_size", self.vocab_size, MAX_VOCAB_SIZE)
         _positive("data.min_freq", self.min_freq)
         _positive("data.max_size", self.max_size, allow_none=True)
         _positive("data.max_len", self.max_len)
@@ -154,6 +167,7 @@ class ModelConfig:
             raise ConfigError(f"model.arch must be 'transformer' or 'rnn' (got {self.arch!r})")
         for key in ("d_model", "n_heads", "enc_layers", "dec_layers", "d_ff", "max_positions"):
             _positive(f"model.{key}", getattr(self, key))
+        _at_most("model.max_positions", self.max_positions, MAX_POSITIONS)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
@@ -278,7 +292,10 @@ class DecodeConfig:
     max_len_a: int = 10  # hypotheses stop at max_len_a + max_len_b * source_length tokens
     max_len_b: float = 1.5
     nbest: int = 1
-    batch_size: int = 128  # sentences per decoding batch
+    batch_size: int = 128  # sentences per decoding batch, at most ...
+    # ... and at most this many padded source tokens x beam_size (one sentence alone always goes):
+    # what a search holds (encoder output, caches, attention) grows with it, not with the lines.
+    max_tokens: int = 16384
 
     def __post_init__(self) -> None:
         _positive("decode.beam_size", self.beam_size)
@@ -288,10 +305,13 @@ class DecodeConfig:
                 "beams wider than about 10 rarely help; pick a smaller one"
             )
         _non_negative("decode.length_penalty", self.length_penalty)
+        _at_most("decode.length_penalty", self.length_penalty, MAX_LENGTH_PENALTY)
         _non_negative("decode.max_len_a", self.max_len_a)
         _non_negative("decode.max_len_b", self.max_len_b)
+        _at_most("decode.max_len_b", self.max_len_b, MAX_LEN_B)
         _positive("decode.nbest", self.nbest)
         _positive("decode.batch_size", self.batch_size)
+        _positive("decode.max_tokens", self.max_tokens)
         if self.nbest > self.beam_size:
             raise ConfigError(
                 f"decode.nbest={self.nbest} exceeds decode.beam_size={self.beam_size}: "
@@ -317,7 +337,7 @@ class TrainConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     run_name: str = MISSING  # set by configs/train.yaml to a readable name with a timestamp
     saved_dir: str = "saved"  # checkpoints: <saved_dir>/<run_name>/
-    result_dir: str = "result"  # logs: <result_dir>/<run_name>/ (also Hydra's run dir)
+    result_dir: str = "result"  # logs: <result_dir>/<run_name>/
 
 
 @dataclass

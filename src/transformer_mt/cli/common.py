@@ -1,12 +1,16 @@
-"""Shared plumbing of the entry points: Hydra registration and one-line user errors."""
+"""Shared plumbing of the entry points: Hydra registration, one-line user errors (Hydra's own
+included) and SIGTERM / SIGHUP turned into an exception, so that cleanups run on the way out."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.resources.abc import Traversable
 from typing import Any
 
@@ -47,3 +51,78 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def run_hydra(task: Callable[[], Any]) -> Any:
+    """Call a `@hydra.main` task; Hydra's own errors (an unknown key, a value of the wrong type, a
+    preset that does not exist, an override it cannot parse) become `error: <one line>` on stderr
+    and exit status 2, as every other user error."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing a report
+    try:
+        return task()
+    except (HydraException, OmegaConfBaseException) as err:
+        logging.shutdown()
+        print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """The line of a Hydra or OmegaConf error that says what is wrong (without the advice to
+    append a key with `+`, which a checked config refuses anyway)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    line = _first_line(err)
+    if isinstance(err, OverrideParseException):
+        line = f"cannot parse the override {err.override!r}: {line}"
+    if isinstance(err.__cause__, OmegaConfBaseException):
+        line = f"{line.rstrip('.')}: {_first_line(err.__cause__)}"
+    if isinstance(err, MissingConfigException) and err.options:
+        line += f" (choose from {', '.join(err.options)})"
+    return line
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived. A BaseException, as KeyboardInterrupt: no `except Exception`
+    on the way out swallows it, and every `finally` runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise `Terminated` in the main thread, so temporary
+    files and folders are removed on the way out; then one line and exit status 128 + signal."""
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = {
+        signum: signal.signal(signum, raise_terminated)
+        for signum in (signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        yield
+    except Terminated as stop:
+        logging.shutdown()
+        print(f"stopped by {stop}: nothing half-written was left behind", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -9,7 +9,11 @@ them and prints corpus sacreBLEU against the raw reference lines exactly as dist
 detokenized, with the full signature), chrF, and the lower-cased 13a BLEU most tutorials quote.
 Writes `<result_dir>/<run_name>/eval/<split>.<checkpoint>.<greedy|beamK>.hyp` (one line per source
 line, in order; `<checkpoint>` is the file's stem: best, averaged, epoch_12, ...) and a `.json`
-beside it with the scores, signatures, decoding settings and speed.
+beside it with the scores, signatures, decoding settings and speed. The `.json` records the input
+(the checkpoint's and the files' full paths, or the split): when a name is already taken by the
+results of another input (a `test.de` in another folder, a `best.pt` of another run of the same
+name), `.<8 hex digits>` of the input is added to the stem, so no result replaces another's; the
+same input scored again replaces its own.
 
 A split's source ids come from the prepared cache of the checkpoint's data settings when it is
 there (no spaCy needed); otherwise the raw source lines are tokenized. Files given by
@@ -19,6 +23,7 @@ src_file/ref_file are always tokenized.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -30,7 +35,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
+from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors, run_hydra
 from transformer_mt.config import DataConfig, DecodeConfig, EvaluateConfig, to_dataclass
 from transformer_mt.data.corpus import check_split, read_parallel, split_paths
 from transformer_mt.data.dataset import load_prepared
@@ -73,6 +78,34 @@ def output_stem(cfg: EvaluateConfig, split: str, decode_cfg: DecodeConfig) -> st
     averaged, epoch_12, ...) never overwrites this one's hypotheses."""
     checkpoint = re.sub(r"[^\w.-]+", "_", Path(cfg.checkpoint).stem).strip("._") or "checkpoint"
     return f"{split}.{checkpoint}.{decode_name(decode_cfg)}"
+
+
+def input_identity(cfg: EvaluateConfig, split: str) -> dict[str, str | None]:
+    """What was scored: the checkpoint and the test files by full path, or the split."""
+
+    def full(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).resolve())
+
+    return {
+        "checkpoint": full(cfg.checkpoint),
+        "split": None if cfg.src_file is not None else split,
+        "src_file": full(cfg.src_file),
+        "ref_file": full(cfg.ref_file),
+    }
+
+
+def unique_stem(folder: Path, stem: str, identity: dict[str, str | None]) -> str:
+    """`stem`, unless its results there belong to another input: then `stem.<digest of input>`."""
+    try:
+        owner = json.loads((folder / f"{stem}.json").read_text(encoding="utf-8")).get("input")
+    except FileNotFoundError:
+        return stem
+    except (OSError, ValueError, AttributeError):
+        owner = None  # unreadable: not known to be this input's
+    if owner == identity:
+        return stem
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{stem}.{digest}"
 
 
 def checkpoint_data_config(translator: Translator, cfg: EvaluateConfig) -> DataConfig:
@@ -147,8 +180,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     hypotheses = translator.translate_ids(sources)
     seconds = time.perf_counter() - start
     scores = score_corpus(hypotheses, test.references)
+    identity = input_identity(cfg, test.name)
     report = {
         "checkpoint": str(cfg.checkpoint),
+        "input": identity,
         "split": test.name,
         "src_file": cfg.src_file,
         "ref_file": cfg.ref_file,
@@ -160,9 +195,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "sentences_per_s": round(len(hypotheses) / seconds, 2) if seconds > 0 else None,
     }
     folder = Path(cfg.result_dir) / run_name(translator, cfg.checkpoint) / "eval"
-    hyp_path = write_results(
-        folder, output_stem(cfg, test.name, translator.decode_cfg), hypotheses, report
-    )
+    stem = unique_stem(folder, output_stem(cfg, test.name, translator.decode_cfg), identity)
+    hyp_path = write_results(folder, stem, hypotheses, report)
     print_report(report, hyp_path)
     return report
 
@@ -192,7 +226,7 @@ def _run(node: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    _run()
+    run_hydra(_run)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
+from transformer_mt.cli.common import (
+    CONFIG_PATH,
+    register_configs,
+    report_user_errors,
+    run_hydra,
+    stop_on_signals,
+)
 from transformer_mt.config import DataConfig, PrepareConfig, to_dataclass
 from transformer_mt.data.buckets import padding_report
 from transformer_mt.data.cache import PreparedData
@@ -61,7 +67,8 @@ def summary(data: PreparedData, cfg: DataConfig) -> str:
 
 def main() -> None:
     register_configs()
-    _prepare()
+    with stop_on_signals():
+        run_hydra(_prepare)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors
+from transformer_mt.cli.common import CONFIG_PATH, register_configs, report_user_errors, run_hydra
 from transformer_mt.config import TrainConfig, to_dataclass
 from transformer_mt.train.job import train
 from transformer_mt.train.stopping import Aborted, TrainingInterrupted
@@ -69,7 +69,7 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) > 0:
         # Under torchrun only rank 0 writes: the others get no Hydra run folder and no log file.
         sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
-    run()
+    run_hydra(run)
 
 
 if __name__ == "__main__":

@@ -270,19 +270,34 @@ def output_stream(path: str | None) -> Iterator[IO[str]]:
             yield handle
 
 
+def check_output(path: str | None) -> None:
+    """Refuse an --output that cannot become a file before any work is done."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write {path}: it is a folder (--output takes a file name)")
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {path}: {folder} is not writable (permission denied)")
+
+
 @report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     decode_cfg = decode_config(args)
-    translator = Translator.from_checkpoint(args.checkpoint, args.device, decode_cfg)
+    check_output(args.output)
     try:
+        translator = Translator.from_checkpoint(args.checkpoint, args.device, decode_cfg)
         with output_stream(args.output) as out:
             translate_stream(translator, args, out)
     except BrokenPipeError:
         # The reader went away (`... | head`): stop quietly, as other Unix filters do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except KeyboardInterrupt:
+        # Ctrl-C: the lines already written stay; a partial --output file is never left.
+        sys.exit(130)
 
 
 if __name__ == "__main__":

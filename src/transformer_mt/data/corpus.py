@@ -281,10 +281,17 @@ def sha256_file(path: Path) -> str:
 def _custom_files(cfg: DataConfig, split: str) -> SplitFiles:
     src, tgt = (Path(p).expanduser() for p in _custom_pair(cfg, split))
     for path in (src, tgt):
-        if not path.is_file():
-            raise DataError(
-                f"{split} file {path} does not exist (check data.{CUSTOM_SPLITS[split]})"
-            )
+        if path.is_file():
+            continue
+        if path.is_dir():
+            problem = "is a folder, not a file"
+        elif path.is_char_device():
+            problem = "is not a regular file (a character device)"
+        elif path.exists():
+            problem = "is not a regular file"
+        else:
+            problem = "does not exist"
+        raise DataError(f"{split} file {path} {problem} (check data.{CUSTOM_SPLITS[split]})")
     return SplitFiles(src, tgt, sha256_file(src), sha256_file(tgt))
 
 

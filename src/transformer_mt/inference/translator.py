@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +72,12 @@ def decode_ids(
 ) -> list[list[Hypothesis]]:
     """Search every source sentence (ids without specials); n-best lists in input order.
 
-    Sentences are decoded longest first in batches of `decode_cfg.batch_size`, which keeps padding
-    small; an empty source gives one empty hypothesis without running the model. The model is put
-    in eval mode for the search and back in its previous mode afterwards; a DistributedDataParallel
-    or torch.compile wrapper is looked through (decoding calls encode/decode directly).
+    Sentences are decoded longest first, which keeps padding small, in batches of at most
+    `decode_cfg.batch_size` sentences and `decode_cfg.max_tokens` padded source tokens x beam size
+    (`decode_batches`); an empty source gives one empty hypothesis without running the model. The
+    model is put in eval mode for the search and back in its previous mode afterwards; a
+    DistributedDataParallel or torch.compile wrapper is looked through (decoding calls
+    encode/decode directly).
     `ban_unk` keeps UNK out of the output (subword vocabularies never train on it).
     """
     model = unwrap_model(model)
@@ -84,10 +86,10 @@ def decode_ids(
     order = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))
     was_training = model.training
     model.eval()
+    fitted = {i: fit_source(sources[i], limit) for i in order}
     try:
-        for start in range(0, len(order), decode_cfg.batch_size):
-            rows = order[start : start + decode_cfg.batch_size]
-            src = pad_batch([fit_source(sources[i], limit) for i in rows], torch.device(device))
+        for rows in decode_batches(order, [len(fitted[i]) for i in order], decode_cfg):
+            src = pad_batch([fitted[i] for i in rows], torch.device(device))
             out_limit = None if limit is None else limit - 1
             for i, hyps in zip(
                 rows,
@@ -98,6 +100,26 @@ def decode_ids(
     finally:
         model.train(was_training)
     return results
+
+
+def decode_batches(
+    order: Sequence[int], lengths: Sequence[int], decode_cfg: DecodeConfig
+) -> Iterator[list[int]]:
+    """Consecutive runs of `order` (sentence indices, longest first; `lengths[k]` is the source
+    length of `order[k]`, EOS included): each at most `batch_size` sentences, and at most
+    `max_tokens` padded source tokens x beam size unless it is a single sentence."""
+    rows: list[int] = []
+    longest = 0
+    for index, length in zip(order, lengths, strict=True):
+        wider = max(longest, length)
+        too_many = (len(rows) + 1) * wider * decode_cfg.beam_size > decode_cfg.max_tokens
+        if rows and (len(rows) == decode_cfg.batch_size or too_many):
+            yield rows
+            rows, wider = [], length
+        rows.append(index)
+        longest = wider
+    if rows:
+        yield rows
 
 
 def ids_to_text(ids: Sequence[int], tgt_vocab: Vocab, detokenizer: Detokenizer) -> str:

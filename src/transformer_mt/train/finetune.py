@@ -101,6 +101,7 @@ class InitCheckpoint:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, with_optimizer: bool
     ) -> None:
         """Put the weights (and Adam's moments if `with_optimizer`) into a new run's model."""
+        check_weights(self.path, self.payload["model"], model)
         model.load_state_dict(self.payload["model"])
         if not with_optimizer:
             return
@@ -143,4 +144,24 @@ def _check_model(path: Path, stored: dict[str, Any], model: ModelConfig) -> None
         raise ConfigError(
             f"trainer.init_from={path} was trained with other model settings: {listed}. "
             "Fine-tune with the same model preset and overrides as that run"
+        )
+
+
+def check_weights(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Refuse weights that do not fill `model` exactly: a missing, extra or reshaped tensor."""
+    expected = model.state_dict()
+    problems = {
+        "missing": sorted(expected.keys() - weights.keys()),
+        "unexpected": sorted(weights.keys() - expected.keys()),
+        "of another shape": sorted(
+            key
+            for key in expected.keys() & weights.keys()
+            if tuple(weights[key].shape) != tuple(expected[key].shape)
+        ),
+    }
+    found = [f"{what}: {', '.join(keys[:3])}" for what, keys in problems.items() if keys]
+    if found:
+        raise CheckpointError(
+            f"{path} does not hold the weights of this model ({'; '.join(found)}): "
+            "use a checkpoint that training wrote for this model"
         )

@@ -141,8 +141,13 @@ class PlateauSchedule:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the running state; the settings stay those of the current config."""
-        self.level = state["level"]
+        """Restore the running state; the settings stay those of the current config.
+
+        A `peak_lr` other than the saved one (a resume with a new optim.lr) scales the saved
+        level by new / old: warmup climbs to the new peak, and a plateau decrease already made
+        is kept in proportion.
+        """
+        self.level = state["level"] * self.peak_lr / state.get("peak_lr", self.peak_lr)
         self.best = state["best"]
         self.bad_epochs = state["bad_epochs"]
         self.decay_from = state.get("decay_from")

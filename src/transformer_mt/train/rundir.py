@@ -7,6 +7,9 @@
   process start time; a lock whose process is gone (a crash, a kill -9), or whose PID now belongs to
   another process, is recognised as stale and taken over.
 - A folder that cannot be written stops the run before training, with an error naming the path.
+- Each run has an identity, a random id kept in its checkpoints' training state and in
+  `result/<run>/run.json`: a resume refuses a result folder whose logs another run wrote (two runs
+  of the same name in different `saved_dir`s).
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ import logging
 import os
 import socket
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformer_mt.errors import CheckpointError, UserError
+from transformer_mt.files import atomic_writer
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "train.lock"
+IDENTITY_NAME = "run.json"  # in result/<run>/: {"run_id": ...}
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,14 @@ class RunPaths:
         """The files of result/<run>/ that a new run would append to or replace."""
         if not self.result.is_dir():
             return []
-        names = ("metrics.csv", "metrics.jsonl", "train.log", "curves.png", "events.out.tfevents*")
+        names = (
+            "metrics.csv",
+            "metrics.jsonl",
+            "train.log",
+            "curves.png",
+            "events.out.tfevents*",
+            IDENTITY_NAME,
+        )
         return sorted(path for name in names for path in self.result.glob(name))
 
 
@@ -115,26 +128,72 @@ def check_start(paths: RunPaths, resume: bool) -> None:
         )
 
 
-def open_run(paths: RunPaths, resume: bool) -> RunLock:
+def new_run_id() -> str:
+    """A fresh run identity."""
+    return uuid.uuid4().hex
+
+
+def logged_run_id(paths: RunPaths) -> str | None:
+    """The identity recorded in result/<run>/run.json; None if there is none (or it is unreadable)."""
+    try:
+        run_id = json.loads((paths.result / IDENTITY_NAME).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
+def check_logs_belong(paths: RunPaths, run_id: str | None) -> str | None:
+    """On a resume: refuse logs in result/<run>/ that another run than the checkpoint's (identity
+    `run_id`, None for a checkpoint written before identities were kept) wrote. Returns the
+    identity the resumed run keeps."""
+    logged = logged_run_id(paths)
+    if logged == run_id or not paths.logs():
+        return run_id
+    if run_id is None:
+        return logged  # a checkpoint without an identity: the logs' run may be this one
+    raise UserError(
+        f"{paths.result} holds the logs of another run {paths.name!r} than the one {paths.last} "
+        f"continues: point result_dir at the folder where that run logged, or at a folder "
+        f"without a {paths.name}/ in it"
+    )
+
+
+def write_run_id(paths: RunPaths, run_id: str) -> None:
+    """Record `run_id` in result/<run>/run.json (unchanged if it holds it already)."""
+    if logged_run_id(paths) != run_id:
+        with atomic_writer(paths.result / IDENTITY_NAME) as handle:
+            handle.write(json.dumps({"run_id": run_id}) + "\n")
+
+
+def open_run(paths: RunPaths, resume: bool, resumed: tuple | None = None) -> RunLock:
     """Check that the run may start, prove its folders writable and lock it; return the lock.
 
-    On any failure nothing is left behind: a `saved/<run>/` created here is removed again.
+    `resumed`: the `file_version` of the last.pt a resume has read; it must still be that file.
+    On any failure nothing is left behind: the folders created here are removed again.
     """
     check_start(paths, resume)
-    created = not paths.saved.exists()
+    created = [folder for folder in (paths.saved, paths.result) if not folder.exists()]
     lock = RunLock(paths.saved)
     try:
         ensure_writable(paths.saved)
         ensure_writable(paths.result)
         lock.acquire()
         check_start(paths, resume)  # again, now that no other process can start it
+        if resumed is not None and file_version(paths.last) != resumed:
+            raise UserError(f"{paths.last} changed while this resume started: start it again")
     except BaseException:
         lock.release()
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                paths.saved.rmdir()
+                folder.rmdir()
         raise
     return lock
+
+
+def file_version(path: Path) -> tuple[int, int, int]:
+    """What tells one version of `path` from the next (each save replaces the file)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 class RunLock:
@@ -164,17 +223,7 @@ class RunLock:
                 except FileExistsError:
                     holder = _read_owner(self.path)
                     if holder is not None and _is_alive(holder):
-                        elsewhere = holder["host"] != socket.gethostname()
-                        raise UserError(
-                            f"run {self.path.parent.name!r} is already being trained by process "
-                            f"{holder['pid']} on {holder['host']} (lock {self.path}): "
-                            "wait for it to finish, or pick another run_name"
-                            + (
-                                f"; if no run on {holder['host']} uses it, delete {self.path}"
-                                if elsewhere
-                                else ""
-                            )
-                        ) from None
+                        raise _held_by(self.path, holder) from None
                     log.warning("taking over stale lock %s (owner %s is gone)", self.path, holder)
                     self.path.unlink(missing_ok=True)
                     continue
@@ -195,6 +244,25 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def check_unlocked(paths: RunPaths) -> None:
+    """Refuse early, before any work, when a live process holds the run's lock (`open_run`
+    takes the lock itself later, and checks again)."""
+    path = paths.saved / LOCK_NAME
+    holder = _read_owner(path) if path.exists() else None
+    if holder is not None and _is_alive(holder):
+        raise _held_by(path, holder)
+
+
+def _held_by(path: Path, holder: dict) -> UserError:
+    elsewhere = holder["host"] != socket.gethostname()
+    return UserError(
+        f"run {path.parent.name!r} is already being trained by process "
+        f"{holder['pid']} on {holder['host']} (lock {path}): "
+        "wait for it to finish, or pick another run_name"
+        + (f"; if no run on {holder['host']} uses it, delete {path}" if elsewhere else "")
+    )
 
 
 def _read_owner(path: Path) -> dict | None:

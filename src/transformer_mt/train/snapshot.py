@@ -31,8 +31,9 @@ from transformer_mt.data.cache import PreparedData
 from transformer_mt.data.subword import subword_state
 from transformer_mt.errors import CheckpointError
 from transformer_mt.train import distributed as dist
+from transformer_mt.train.finetune import check_weights
 from transformer_mt.train.optim import PlateauSchedule
-from transformer_mt.train.rundir import RunPaths
+from transformer_mt.train.rundir import RunPaths, new_run_id
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
 from transformer_mt.train.step import Meter
 from transformer_mt.train.validation import Validation
@@ -71,6 +72,7 @@ class RunCheckpoints:
         self.paths, self.cfg, self.data, self.model = paths, cfg, data, model
         self.last_saved: Path | None = None
         self.saved_step = 0
+        self.run_id: str | None = new_run_id()  # a resume takes its checkpoint's
 
     def checkpoint(
         self, progress: Progress, metrics: dict[str, float], train_state: dict | None = None
@@ -122,6 +124,7 @@ class RunCheckpoints:
         """Checkpoint `path`, checked to be one this run can continue (see `check_resumable`)."""
         payload = load_checkpoint(path)
         check_resumable(path, payload, self.cfg, self.data)
+        check_weights(path, payload["model"], self.model)
         return payload
 
 
@@ -150,6 +153,7 @@ class Resumable:
             "progress": self.progress.state_dict(),
             "ranks": rank_states,  # per rank: RNG states, partial-epoch loss
             "world_size": self.info.world_size,
+            "run_id": self.checkpoints.run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -181,6 +185,7 @@ class Resumable:
         self.load_state_dict(payload["train_state"])
         self.model.load_state_dict(payload["model"])
         self.metrics = dict(payload["metrics"])
+        self.checkpoints.run_id = payload["train_state"].get("run_id")
         self._saved(path)
         p = self.progress
         log.info(
@@ -273,7 +278,8 @@ def check_resumable(
 
     Raises CheckpointError for a file without training state, other model settings, other
     vocabularies, or a setting that decides the data order or the optimizer state; other changed
-    settings (a new optim.lr, a longer trainer.max_time, ...) are allowed and logged.
+    settings (a new optim.lr, a longer trainer.max_time, ...) are allowed and logged. A new optim.lr
+    scales the saved schedule (`PlateauSchedule.load_state_dict`).
     """
     state = payload.get("train_state")
     if state is None:
@@ -311,7 +317,12 @@ def _check_changed_settings(path: Path, stored: dict, cfg: TrainConfig) -> None:
                 f"{key}={old} (or start a new run from this one's weights)"
             )
     for key, (old, new) in sorted(changed.items()):
-        log.warning("resuming with %s=%s (the run so far used %s)", key, new, old)
+        scaled = (
+            f": the saved schedule's rates are scaled by {new / old:.4g}"
+            if key == "optim.lr"
+            else ""
+        )
+        log.warning("resuming with %s=%s (the run so far used %s)%s", key, new, old, scaled)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

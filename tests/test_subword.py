@@ -13,7 +13,7 @@ from transformer_mt.data.cache import cache_key
 from transformer_mt.data.dataset import load_prepared, prepare
 from transformer_mt.data.subword import Subword, subword_state, subwords_from_state
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
-from transformer_mt.data.vocab import SPECIALS, UNK
+from transformer_mt.data.vocab import BOS, EOS, SPECIALS, UNK
 from transformer_mt.errors import ConfigError
 
 SENTENCES = [
@@ -187,3 +187,37 @@ def test_subword_checkpoint_translates_unseen_words_without_unk(subword_run):
     translations = translator.translate(lines)
     assert len(translations) == len(lines)
     assert not any("<unk>" in t for t in translations)
+
+
+def test_a_subword_model_never_emits_unk_even_when_unk_scores_highest(subword_run, monkeypatch):
+    """Beam and greedy search alike, over batches of beams with the cache: UNK is never generated."""
+    import torch
+
+    from transformer_mt.inference.translator import Translator, decode_ids
+
+    checkpoint = subword_run / "saved" / "bpe-run" / "best.pt"
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    model = translator.model
+    decode = model.decode
+
+    def decode_preferring_unk(*args, **kwargs):
+        logits = decode(*args, **kwargs).clone()
+        logits[..., UNK] = logits.max() + 10.0
+        return logits
+
+    monkeypatch.setattr(model, "decode", decode_preferring_unk)
+    lines = ["antbee dogcat", "kolark jaybee ibis", "fox gnu hen eel", "tac god eeb"]
+    sources = translator.encode(lines)
+    with torch.no_grad():  # the forced logits show: without the ban, UNK wins every step
+        src = torch.tensor([[*sources[0], EOS]])
+        first = decode_preferring_unk(torch.tensor([[BOS]]), model.encode(src))
+        assert first.argmax(-1).item() == UNK
+    # Short outputs keep the test quick: the forced logits make the model babble up to the limit.
+    short = {"max_len_a": 2, "max_len_b": 1.0, "batch_size": 3}  # two batches of beams
+    translations = translator.translate(lines, beam_size=4, **short)
+    assert len(translations) == len(lines) and not any("<unk>" in t for t in translations)
+    for beam_size in (1, 4):
+        cfg = replace(translator.decode_cfg, beam_size=beam_size, nbest=beam_size, **short)
+        for hyps in decode_ids(model, sources, cfg, "cpu", ban_unk=translator.ban_unk):
+            assert len(hyps) == beam_size
+            assert all(UNK not in h.tokens for h in hyps)

@@ -194,8 +194,9 @@ def test_export_script_runs_from_the_command_line(toy, tmp_path):
 
 def test_without_ctranslate2_the_error_says_what_to_install(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import fails
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         export_cli.main([str(toy.checkpoint), str(tmp_path / "out")])
+    assert exit_.value.code == 2
     assert "pip install 'transformer-mt[export]'" in capsys.readouterr().err
 
 

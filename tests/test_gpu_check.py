@@ -61,7 +61,7 @@ def test_without_its_inputs_the_check_stops_within_seconds(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
+    assert result.returncode == 1  # a step failed
     assert "error: no CUDA device" in result.stderr
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]
-    assert [s["step"] for s in steps] == ["inputs"]
+    assert [(s["step"], s["status"], s["rc"]) for s in steps] == [("inputs", "failed", 2)]

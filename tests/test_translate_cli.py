@@ -188,8 +188,9 @@ def test_a_bad_checkpoint_from_the_command_line_exits_2(tmp_path) -> None:
 
 
 def test_help_explains_every_option(capsys) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         translate_cli.main(["--help"])
+    assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--input", "--output", "--beam", "--nbest", "--device", "--batch-size"):
         assert option in text

@@ -333,11 +333,19 @@ def test_resuming_from_a_bad_last_checkpoint_is_a_one_line_error(
 
 
 @pytest.mark.parametrize(
-    "override",
-    ["data.max_tokens=300", "trainer.accumulate=2", "trainer.seed=7", "optim.weight_decay=0.01"],
+    ("override", "shown"),
+    [
+        ("data.max_tokens=300", "data.max_tokens=300"),
+        ("data.limit_train=10", "data.limit_train=10"),
+        ("trainer.accumulate=2", "trainer.accumulate=2"),
+        ("trainer.seed=7", "trainer.seed=7"),
+        ("optim.betas=[0.9,0.99]", "optim.betas=[0.9, 0.99]"),
+        ("optim.eps=1e-6", "optim.eps=1e-06"),
+        ("optim.weight_decay=0.01", "optim.weight_decay=0.01"),
+    ],
 )
 def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
-    config_corpus, one_step_run, tmp_path, monkeypatch, capsys, override
+    config_corpus, one_step_run, tmp_path, monkeypatch, capsys, override, shown
 ):
     """Finding 5 of the reliability review: other batching settings skipped or repeated data
     silently (and wrote a second row for the epoch); another optimizer setting was a traceback."""
@@ -353,7 +361,7 @@ def test_resume_refuses_a_change_to_the_data_order_or_the_optimizer(
     code, err = run_train(args, monkeypatch, capsys)
     assert code == 2
     key = override.split("=")[0]
-    _one_line_error(err.strip() + "\n", str(last), f"this resume asks for {override}", key)
+    _one_line_error(err.strip() + "\n", str(last), f"this resume asks for {shown}", key)
     assert last.read_bytes() == before
 
 

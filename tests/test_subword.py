@@ -221,3 +221,34 @@ def test_a_subword_model_never_emits_unk_even_when_unk_scores_highest(subword_ru
         for hyps in decode_ids(model, sources, cfg, "cpu", ban_unk=translator.ban_unk):
             assert len(hyps) == beam_size
             assert all(UNK not in h.tokens for h in hyps)
+
+
+def test_fine_tuning_from_a_subword_checkpoint_keeps_its_pieces(subword_run, tmp_path):
+    """A word-level command line (no data.vocab given): the checkpoint's BPE model and vocabulary
+    segment the new corpus, so every id means what it meant."""
+    from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+
+    from transformer_mt.checkpoint import load_checkpoint
+    from transformer_mt.inference.translator import Translator
+    from transformer_mt.train.job import train
+
+    parent = subword_run / "saved" / "bpe-run" / "best.pt"
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=100, n_val=10)
+    args = overrides(
+        corpus,
+        tmp_path,
+        "bpe-tuned",
+        f"trainer.init_from={parent}",
+        "trainer.max_epochs=1",
+        "model.share_embeddings=true",
+    )
+    with OneThread():
+        train(compose_config(args))
+    tuned = load_checkpoint(tmp_path / "saved" / "bpe-tuned" / "last.pt")
+    first = load_checkpoint(parent)
+    assert tuned["tokenizer"]["subword"] == first["tokenizer"]["subword"]  # the same model bytes
+    assert (tuned["src_vocab"], tuned["tgt_vocab"]) == (first["src_vocab"], first["tgt_vocab"])
+    assert tuned["config"]["data"]["vocab"] == "bpe"
+    translator = Translator.from_checkpoint(tmp_path / "saved" / "bpe-tuned" / "last.pt", "cpu")
+    assert translator.ban_unk
+    assert not any(UNK in ids for ids in translator.encode(["antbee dogcat", "fox gnu"]))

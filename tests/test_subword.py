@@ -252,3 +252,49 @@ def test_fine_tuning_from_a_subword_checkpoint_keeps_its_pieces(subword_run, tmp
     translator = Translator.from_checkpoint(tmp_path / "saved" / "bpe-tuned" / "last.pt", "cpu")
     assert translator.ban_unk
     assert not any(UNK in ids for ids in translator.encode(["antbee dogcat", "fox gnu"]))
+
+
+def test_unigram_models_per_side_and_lowercase_end_to_end(tmp_path):
+    """data.vocab=unigram, one model per side (the sides' words differ) and data.lowercase=true,
+    through training, the checkpoint and the Translator."""
+    from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+
+    from transformer_mt.checkpoint import load_checkpoint
+    from transformer_mt.inference.translator import Translator
+    from transformer_mt.train.job import train
+
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=10)
+    for split in ("train", "val"):
+        src, tgt = corpus[f"{split}_src"], corpus[f"{split}_tgt"]
+        src.write_text("".join(f"{line.capitalize()}\n" for line in src.read_text().splitlines()))
+        tgt.write_text(
+            "".join(
+                " ".join(word[::-1] for word in line.split()) + "\n"
+                for line in tgt.read_text().splitlines()
+            )
+        )
+    args = overrides(
+        corpus,
+        tmp_path,
+        "unigram",
+        "data.vocab=unigram",
+        "data.vocab_size=40",
+        "data.shared_vocab=false",
+        "data.lowercase=true",
+        "trainer.max_epochs=1",
+    )
+    with OneThread():
+        train(compose_config(args))
+    checkpoint = tmp_path / "saved" / "unigram" / "last.pt"
+    payload = load_checkpoint(checkpoint)
+    subword = payload["tokenizer"]["subword"]
+    assert subword["kind"] == "unigram" and subword["src"] != subword["tgt"]
+    assert payload["tokenizer"]["lowercase"] is True
+    assert payload["src_vocab"] != payload["tgt_vocab"]
+    assert not any(piece != piece.lower() for piece in payload["src_vocab"][len(SPECIALS) :])
+    translator = Translator.from_checkpoint(checkpoint, "cpu")
+    assert translator.src_subword.kind == translator.tgt_subword.kind == "unigram"
+    assert translator.encode(["Ant BEE cat"]) == translator.encode(["ant bee cat"])
+    assert not any(UNK in ids for ids in translator.encode(["Antbee dogcat"]))
+    [translation] = translator.translate(["Ant bee cat"])
+    assert "<unk>" not in translation

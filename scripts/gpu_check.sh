@@ -2,7 +2,11 @@
 # One call on a GPU machine that runs every CUDA path and measures the GPU bars.
 #
 #   scripts/gpu_check.sh OUTDIR             # on the GPU machine: about 9 minutes, by its own guards
-#   scripts/gpu_check.sh --dry-run OUTDIR   # the same steps on this CPU: tiny model, data, budgets
+#   scripts/gpu_check.sh --dry-run OUTDIR   # the steps on this CPU: tiny model, data, budgets
+#
+# The dry run runs every step at toy scale but two: the cuda tests are collected and all skipped
+# (no GPU), and bench_compile is not run; gpu_check.json gives each step a status (passed, failed
+# or skipped) and says why one was skipped.
 #
 # Steps, each under `timeout`, each with its log:
 #   inputs    imports, a CUDA device, the prepared experiment=gpu data: exits within seconds if not
@@ -37,8 +41,14 @@ steps="$work/steps.jsonl"
 export PYTHONUNBUFFERED=1
 
 record() {  # name rc seconds
-  printf '{"step": "%s", "rc": %d, "seconds": %d}\n' "$1" "$2" "$3" >> "$steps"
+  printf '{"step": "%s", "status": "%s", "rc": %d, "seconds": %d}\n' \
+    "$1" "$([[ $2 == 0 ]] && echo passed || echo failed)" "$2" "$3" >> "$steps"
   echo "$(date +%T) $1: exit $2 after $3 s"
+}
+
+skip() {  # name reason: a step this call does not run, recorded as such
+  printf '{"step": "%s", "status": "skipped", "reason": "%s"}\n' "$1" "$2" >> "$steps"
+  echo "$(date +%T) $1: skipped ($2)"
 }
 
 step() {  # name limit-seconds command...: run with a time guard, log to $work/<name>.log
@@ -115,7 +125,7 @@ wait "$tests"
 
 step bench_eager 120 "$py" scripts/bench_train.py "${bench[@]}" --json "$work/bench_eager.json"
 if [[ $dry == 1 ]]; then
-  record bench_compile 0 0  # inductor compiles for minutes on a CPU: the dry run leaves it out
+  skip bench_compile "inductor compiles for minutes on a CPU"
 else
   step bench_compile 150 "$py" scripts/bench_train.py --device cuda --models big --max-tokens 16384 \
     --steps 20 --warmup 5 --amp --compile --json "$work/bench_compile.json"

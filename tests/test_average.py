@@ -30,6 +30,8 @@ def test_averages_the_last_k_epochs_into_averaged_pt(run_dir, capsys):
     assert averaged["averaged_from"] == ["epoch_9.pt", "epoch_10.pt"]
     torch.testing.assert_close(averaged["model"]["weight"], torch.full((2, 3), 9.5))
     assert "epoch_9.pt, epoch_10.pt" in capsys.readouterr().out
+    # The last file's validation metrics belong to other weights: the average carries none.
+    assert averaged["metrics"] == {}
 
 
 def test_output_path_and_default_k(run_dir, tmp_path):

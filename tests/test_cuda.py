@@ -28,6 +28,7 @@ from train_support import (
     write_reversal_corpus,
 )
 
+from transformer_mt.checkpoint import load_checkpoint
 from transformer_mt.config import DecodeConfig, ModelConfig
 from transformer_mt.data.vocab import BOS, EOS, PAD
 from transformer_mt.inference.translator import Translator
@@ -167,14 +168,14 @@ def test_compile_trains_like_eager_without_a_recompile_per_batch(corpus, tmp_pat
     assert last_loss("compiled") == pytest.approx(last_loss("eager"), rel=1e-2)
 
 
-def test_torchrun_with_nccl_trains_an_epoch(corpus, tmp_path):
-    args = overrides(corpus, tmp_path, "nccl", "trainer.device=cuda", "trainer.max_epochs=1")
-    result = subprocess.run(
+def _torchrun_one_epoch(corpus, tmp_path, run: str, processes: int) -> subprocess.CompletedProcess:
+    args = overrides(corpus, tmp_path, run, "trainer.device=cuda", "trainer.max_epochs=1")
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--nproc_per_node=1",
+            f"--nproc_per_node={processes}",
             str(TRAIN_SCRIPT),
             *args,
         ],
@@ -183,7 +184,25 @@ def test_torchrun_with_nccl_trains_an_epoch(corpus, tmp_path):
         text=True,
         timeout=600,
     )
+
+
+def test_torchrun_on_one_gpu_trains_an_epoch(corpus, tmp_path):
+    """One process: NCCL is set up, but no collective has a peer (the next test needs two GPUs)."""
+    result = _torchrun_one_epoch(corpus, tmp_path, "nccl", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "result" / "nccl" / "train.log").read_text()
     assert "x 1 processes" in log and "epoch 1" in log
     assert os.path.exists(tmp_path / "saved" / "nccl" / "last.pt")
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL collectives need two processes on two GPUs"
+)
+def test_nccl_collectives_between_two_gpus_train_an_epoch(corpus, tmp_path):
+    result = _torchrun_one_epoch(corpus, tmp_path, "nccl2", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "result" / "nccl2" / "train.log").read_text()
+    assert "x 2 processes" in log and "epoch 1" in log
+    # Rank 1's state reached rank 0 (a gather) and both saved the same resumable epoch.
+    state = load_checkpoint(tmp_path / "saved" / "nccl2" / "last.pt")["train_state"]
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2

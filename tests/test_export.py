@@ -32,6 +32,8 @@ from transformer_mt.inference.export import ExportedTranslator, export_checkpoin
 # Share of sentences whose beam-5 output may differ: CTranslate2 normalises finished hypotheses by
 # length ** alpha, we by GNMT's ((5 + length) / 6) ** alpha, so near-ties can rank differently.
 BEAM_MISMATCH_TOLERANCE = 0.1
+# Share of sentences whose greedy output may differ between the int8 and float32 weights.
+INT8_MISMATCH_TOLERANCE = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +78,15 @@ def test_beam_output_agrees_within_the_documented_tolerance(toy, exported):
     assert differing <= BEAM_MISMATCH_TOLERANCE * len(lines), list(zip(a, b, strict=True))
 
 
-def test_int8_model_loads_and_translates(exported):
-    theirs = ExportedTranslator(exported, compute_type="int8")
-    (out,) = theirs.translate(["Zwei drei."])
-    assert out.strip()
+def test_int8_model_translates_as_the_float32_one_does(exported):
+    full = ExportedTranslator(exported)
+    int8 = ExportedTranslator(exported, compute_type="int8")
+    assert full.translator.compute_type == "float32"
+    assert int8.translator.compute_type.startswith("int8")  # quantized on load
+    lines = sentences(40, seed=13)
+    a, b = full.translate(lines, beam_size=1), int8.translate(lines, beam_size=1)
+    differing = sum(x != y for x, y in zip(a, b, strict=True))
+    assert differing <= INT8_MISMATCH_TOLERANCE * len(lines), list(zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -168,7 +175,7 @@ def test_an_existing_folder_is_never_replaced_without_force(toy, tmp_path, capsy
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp left
 
 
-def test_export_script_runs_from_the_command_line(toy, tmp_path):
+def test_export_script_runs_from_the_command_line(toy, exported, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run(
         [
@@ -185,17 +192,20 @@ def test_export_script_runs_from_the_command_line(toy, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"-> {out}" in result.stdout
-    assert (
-        sorted(p.name for p in out.iterdir())
-        == sorted(["config.json", "model.bin", "shared_vocabulary.json", "transformer_mt.json"])
-        or (out / "source_vocabulary.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.bin", "source_vocabulary.json", "target_vocabulary.json"]
+        + ["transformer_mt.json"]
     )
+    # --quantization took effect: the weights are stored as int8, and load as such.
+    assert ExportedTranslator(out).translator.compute_type.startswith("int8")
+    assert (out / "model.bin").stat().st_size < 0.5 * (exported / "model.bin").stat().st_size
 
 
 def test_without_ctranslate2_the_error_says_what_to_install(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import fails
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         export_cli.main([str(toy.checkpoint), str(tmp_path / "out")])
+    assert exit_.value.code == 2
     assert "pip install 'transformer-mt[export]'" in capsys.readouterr().err
 
 

@@ -6,11 +6,13 @@ another corpus of the same task that holds a word the first never saw.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import re
 
 import pytest
+import torch
 from train_support import (
     OneThread,
     compose_config,
@@ -21,6 +23,7 @@ from train_support import (
 )
 
 from transformer_mt.checkpoint import load_checkpoint
+from transformer_mt.train import finetune
 from transformer_mt.train.job import train
 
 
@@ -114,12 +117,35 @@ def test_fine_tuning_keeps_the_checkpoints_vocabulary(parent, tmp_path, monkeypa
     assert json.loads((cache / "manifest.json").read_text())["vocabularies"] == "given"
 
 
-def test_fine_tuning_can_keep_the_optimizer_state(parent, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def at_start(monkeypatch):
+    """What a fine-tuning run's model and optimizer hold once the checkpoint is loaded into them,
+    before the first step: its dropout probabilities, weights and Adam state."""
+    seen = {}
+    original = finetune.InitCheckpoint.load_into
+
+    def load_into(self, model, optimizer, with_optimizer):
+        original(self, model, optimizer, with_optimizer)
+        seen["dropout"] = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        seen["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        seen["optimizer"] = copy.deepcopy(optimizer.state_dict())
+
+    monkeypatch.setattr(finetune.InitCheckpoint, "load_into", load_into)
+    return seen
+
+
+def test_fine_tuning_can_keep_the_optimizer_state(parent, tmp_path, monkeypatch, capsys, at_start):
     last = parent["root"] / "saved" / "parent" / "last.pt"
     args = finetune_args(tmp_path, parent, "adam", "trainer.init_optimizer=true", init_from=last)
     code, err = run_train(args, monkeypatch, capsys)
     assert code == 0, err
     assert "with its optimizer state" in (tmp_path / "result" / "adam" / "train.log").read_text()
+    stored = load_checkpoint(last)["train_state"]["optimizer"]["state"]
+    loaded = at_start["optimizer"]["state"]
+    assert loaded.keys() == stored.keys() and len(stored) > 0
+    for index, state in stored.items():
+        for key, value in state.items():
+            assert torch.equal(loaded[index][key], value), (index, key)
 
 
 @pytest.mark.parametrize(
@@ -152,8 +178,15 @@ def test_a_missing_checkpoint_is_a_one_line_error(parent, tmp_path, monkeypatch,
     assert not (tmp_path / "saved").exists()
 
 
-def test_dropout_may_change_when_fine_tuning(parent, tmp_path, monkeypatch, capsys):
+def test_dropout_may_change_when_fine_tuning(parent, tmp_path, monkeypatch, capsys, at_start):
+    assert load_checkpoint(parent["best"])["model_config"]["dropout"] == 0.0
     code, err = run_train(
         finetune_args(tmp_path, parent, "dropout", "model.dropout=0.3"), monkeypatch, capsys
     )
     assert code == 0, err
+    assert 0.3 in at_start["dropout"]  # the new run's setting, on the checkpoint's weights
+    weights = load_checkpoint(parent["best"])["model"]
+    assert all(torch.equal(at_start["weights"][k], v) for k, v in weights.items())
+    assert at_start["optimizer"]["state"] == {}  # a fresh Adam without trainer.init_optimizer
+    tuned = load_checkpoint(tmp_path / "saved" / "dropout" / "last.pt")
+    assert tuned["model_config"]["dropout"] == 0.3

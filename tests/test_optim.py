@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from transformer_mt.config import OptimConfig
+from transformer_mt.config import OptimConfig, TrainerConfig
 from transformer_mt.data.vocab import PAD
 from transformer_mt.errors import ConfigError
 from transformer_mt.train.loss import token_loss_sum
@@ -19,6 +19,8 @@ from transformer_mt.train.optim import (
     set_lr,
     warmup_lr,
 )
+from transformer_mt.train.state import Progress
+from transformer_mt.train.stopping import budget_used
 
 
 def test_warmup_is_linear_then_flat():
@@ -97,6 +99,32 @@ def test_linear_decay_falls_from_the_peak_to_min_lr_over_the_budget_left_after_w
     restored = _schedule(decay="linear")
     restored.load_state_dict(schedule.state_dict())  # the decay start survives a resume
     assert restored.lr(700, used=0.7) == schedule.lr(700, used=0.7) == pytest.approx(1e-3 / 3)
+
+
+def test_linear_decay_over_a_time_budget_follows_the_training_clock():
+    """The presets' path: `trainer.max_time` with `max_epochs` far off. The rate falls with the
+    training seconds spent, as the trainer computes it (`lr(step, budget_used(...))`); a resume
+    restores the schedule and the seconds its checkpoint recorded, so the time between the stop
+    and the resume does not count."""
+    tc = TrainerConfig(max_time=10.0, max_epochs=1000)  # minutes
+    schedule = _schedule(decay="linear")
+
+    def lr(step: int, seconds: float, sched: PlateauSchedule = schedule) -> float:
+        return sched.lr(step, budget_used(step, seconds, tc, steps_per_epoch=100))
+
+    assert budget_used(10, 60.0, tc, steps_per_epoch=100) == pytest.approx(0.1)
+    assert lr(10, 60.0) == pytest.approx(1e-3)  # warmup ends after 1 of the 10 minutes
+    assert lr(11, 60.0) == pytest.approx(1e-3)
+    # Half of the 9 minutes left after warmup: half the peak, whatever the step count.
+    assert lr(50, 330.0) == pytest.approx(5e-4)
+    assert lr(5000, 330.0) == pytest.approx(5e-4)
+    assert lr(60, 570.0) == pytest.approx(1e-4)  # floored at min_lr near the end
+    # Stopped at 5.5 minutes and resumed: the progress carries the seconds, the schedule its start.
+    progress = Progress.from_state_dict(Progress(step=50, train_seconds=330.0).state_dict())
+    resumed = _schedule(decay="linear")
+    resumed.load_state_dict(schedule.state_dict())
+    assert lr(51, progress.train_seconds, resumed) == pytest.approx(5e-4)
+    assert lr(52, progress.train_seconds + 90.0, resumed) == pytest.approx(1e-3 / 3)  # 7 of 10
 
 
 def test_unknown_decay_is_refused_by_name():

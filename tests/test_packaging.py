@@ -146,3 +146,33 @@ def test_installed_commands_work_outside_the_checkout(venv, toy, tmp_path):
     translate = run_in(outside, venv, "mt-translate", str(toy.checkpoint), stdin="Zwei drei.\n")
     assert translate.returncode == 0, translate.stderr[-2000:]
     assert translate.stdout == "Two three.\n"
+
+
+def test_installed_evaluate_average_and_export_work_outside_the_checkout(venv, toy, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    evaluate = run_in(
+        outside,
+        venv,
+        "mt-evaluate",
+        f"checkpoint={toy.checkpoint}",
+        "split=val",
+        "decode=greedy",
+        f"result_dir={outside / 'result'}",
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert "BLEU" in evaluate.stdout
+    assert (outside / "result" / "toy-run" / "eval" / "val.best.greedy.json").is_file()
+
+    run = outside / "saved" / "run"
+    run.mkdir(parents=True)
+    for epoch in (1, 2):
+        shutil.copy(toy.checkpoint, run / f"epoch_{epoch}.pt")
+    average = run_in(outside, venv, "mt-average", str(run), "--last", "2")
+    assert average.returncode == 0, average.stderr[-2000:]
+    assert (run / "averaged.pt").is_file()
+
+    pytest.importorskip("ctranslate2")  # the [export] extra
+    export = run_in(outside, venv, "mt-export", str(toy.checkpoint), "exported")
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert (outside / "exported" / "model.bin").is_file()

@@ -46,11 +46,25 @@ def test_amp_default_follows_the_device(monkeypatch):
         use_amp(True, cpu)
 
 
-def test_bf16_support_is_what_torch_reports():
-    expected = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
-        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    )
-    assert step_module.cpu_supports_bf16() == expected
+@pytest.mark.parametrize(
+    ("capability", "avx512_bf16", "amx", "expected"),
+    [
+        ("DEFAULT", False, False, False),
+        ("AVX2", True, True, False),  # torch would not use the AVX512 kernels
+        ("AVX512", False, False, False),  # AVX512 without bf16 instructions: emulated, slow
+        ("AVX512", True, False, True),
+        ("AVX512", False, True, True),
+        ("AVX512_BF16", True, False, True),
+        ("AMX", False, True, True),
+    ],
+)
+def test_bf16_support_needs_avx512_kernels_and_a_bf16_instruction_set(
+    monkeypatch, capability, avx512_bf16, amx, expected
+):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert step_module.cpu_supports_bf16() is expected
 
 
 def test_automatic_attention_path_is_explicit_on_the_cpu(monkeypatch):

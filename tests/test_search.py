@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from transformer_mt.config import DecodeConfig
 from transformer_mt.data.vocab import BOS, EOS, PAD, UNK
 from transformer_mt.inference.search import (
     Hypothesis,
@@ -16,6 +17,7 @@ from transformer_mt.inference.search import (
     gnmt_penalty,
     greedy_search,
     max_output_lengths,
+    search,
 )
 
 A, B, C = 4, 5, 6  # the fake target words
@@ -273,3 +275,20 @@ def test_ban_unk_takes_the_best_other_token() -> None:
     hyps = beam_search(model, sources(3), 2, 0.6, 10, 1.0, nbest=2, ban_unk=True)
     assert all(UNK not in h.tokens for h in hyps[0])
     assert hyps[0][0].tokens == [B]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_search_passes_ban_unk_to_either_search(beam_size: int, use_cache: bool) -> None:
+    """UNK is the most probable token at every step; `search` must keep it out under both."""
+
+    def always_unk(source, prefix):
+        # The source's EOS counts in its length: a source of n tokens is best answered by n - 1 A's.
+        return {UNK: 0.5, EOS: 0.45} if len(prefix) + 1 >= len(source) else {UNK: 0.5, A: 0.45}
+
+    model = FakeModel(always_unk)
+    cfg = DecodeConfig(beam_size=beam_size, nbest=beam_size, length_penalty=0.6)
+    nbest = search(model, sources(2, 5, 3), cfg, use_cache=use_cache, ban_unk=True)
+    assert [len(hyps) for hyps in nbest] == [beam_size] * 3
+    assert all(UNK not in h.tokens for hyps in nbest for h in hyps)
+    assert [hyps[0].tokens for hyps in nbest] == [[A], [A] * 4, [A] * 2]

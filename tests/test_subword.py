@@ -13,7 +13,7 @@ from transformer_mt.data.cache import cache_key
 from transformer_mt.data.dataset import load_prepared, prepare
 from transformer_mt.data.subword import Subword, subword_state, subwords_from_state
 from transformer_mt.data.tokenize import Detokenizer, Tokenizer
-from transformer_mt.data.vocab import SPECIALS, UNK
+from transformer_mt.data.vocab import BOS, EOS, SPECIALS, UNK
 from transformer_mt.errors import ConfigError
 
 SENTENCES = [
@@ -187,3 +187,114 @@ def test_subword_checkpoint_translates_unseen_words_without_unk(subword_run):
     translations = translator.translate(lines)
     assert len(translations) == len(lines)
     assert not any("<unk>" in t for t in translations)
+
+
+def test_a_subword_model_never_emits_unk_even_when_unk_scores_highest(subword_run, monkeypatch):
+    """Beam and greedy search alike, over batches of beams with the cache: UNK is never generated."""
+    import torch
+
+    from transformer_mt.inference.translator import Translator, decode_ids
+
+    checkpoint = subword_run / "saved" / "bpe-run" / "best.pt"
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    model = translator.model
+    decode = model.decode
+
+    def decode_preferring_unk(*args, **kwargs):
+        logits = decode(*args, **kwargs).clone()
+        logits[..., UNK] = logits.max() + 10.0
+        return logits
+
+    monkeypatch.setattr(model, "decode", decode_preferring_unk)
+    lines = ["antbee dogcat", "kolark jaybee ibis", "fox gnu hen eel", "tac god eeb"]
+    sources = translator.encode(lines)
+    with torch.no_grad():  # the forced logits show: without the ban, UNK wins every step
+        src = torch.tensor([[*sources[0], EOS]])
+        first = decode_preferring_unk(torch.tensor([[BOS]]), model.encode(src))
+        assert first.argmax(-1).item() == UNK
+    # Short outputs keep the test quick: the forced logits make the model babble up to the limit.
+    short = {"max_len_a": 2, "max_len_b": 1.0, "batch_size": 3}  # two batches of beams
+    translations = translator.translate(lines, beam_size=4, **short)
+    assert len(translations) == len(lines) and not any("<unk>" in t for t in translations)
+    for beam_size in (1, 4):
+        cfg = replace(translator.decode_cfg, beam_size=beam_size, nbest=beam_size, **short)
+        for hyps in decode_ids(model, sources, cfg, "cpu", ban_unk=translator.ban_unk):
+            assert len(hyps) == beam_size
+            assert all(UNK not in h.tokens for h in hyps)
+
+
+def test_fine_tuning_from_a_subword_checkpoint_keeps_its_pieces(subword_run, tmp_path):
+    """A word-level command line (no data.vocab given): the checkpoint's BPE model and vocabulary
+    segment the new corpus, so every id means what it meant."""
+    from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+
+    from transformer_mt.checkpoint import load_checkpoint
+    from transformer_mt.inference.translator import Translator
+    from transformer_mt.train.job import train
+
+    parent = subword_run / "saved" / "bpe-run" / "best.pt"
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=100, n_val=10)
+    args = overrides(
+        corpus,
+        tmp_path,
+        "bpe-tuned",
+        f"trainer.init_from={parent}",
+        "trainer.max_epochs=1",
+        "model.share_embeddings=true",
+    )
+    with OneThread():
+        train(compose_config(args))
+    tuned = load_checkpoint(tmp_path / "saved" / "bpe-tuned" / "last.pt")
+    first = load_checkpoint(parent)
+    assert tuned["tokenizer"]["subword"] == first["tokenizer"]["subword"]  # the same model bytes
+    assert (tuned["src_vocab"], tuned["tgt_vocab"]) == (first["src_vocab"], first["tgt_vocab"])
+    assert tuned["config"]["data"]["vocab"] == "bpe"
+    translator = Translator.from_checkpoint(tmp_path / "saved" / "bpe-tuned" / "last.pt", "cpu")
+    assert translator.ban_unk
+    assert not any(UNK in ids for ids in translator.encode(["antbee dogcat", "fox gnu"]))
+
+
+def test_unigram_models_per_side_and_lowercase_end_to_end(tmp_path):
+    """data.vocab=unigram, one model per side (the sides' words differ) and data.lowercase=true,
+    through training, the checkpoint and the Translator."""
+    from train_support import OneThread, compose_config, overrides, write_reversal_corpus
+
+    from transformer_mt.checkpoint import load_checkpoint
+    from transformer_mt.inference.translator import Translator
+    from transformer_mt.train.job import train
+
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=10)
+    for split in ("train", "val"):
+        src, tgt = corpus[f"{split}_src"], corpus[f"{split}_tgt"]
+        src.write_text("".join(f"{line.capitalize()}\n" for line in src.read_text().splitlines()))
+        tgt.write_text(
+            "".join(
+                " ".join(word[::-1] for word in line.split()) + "\n"
+                for line in tgt.read_text().splitlines()
+            )
+        )
+    args = overrides(
+        corpus,
+        tmp_path,
+        "unigram",
+        "data.vocab=unigram",
+        "data.vocab_size=40",
+        "data.shared_vocab=false",
+        "data.lowercase=true",
+        "trainer.max_epochs=1",
+    )
+    with OneThread():
+        train(compose_config(args))
+    checkpoint = tmp_path / "saved" / "unigram" / "last.pt"
+    payload = load_checkpoint(checkpoint)
+    subword = payload["tokenizer"]["subword"]
+    assert subword["kind"] == "unigram" and subword["src"] != subword["tgt"]
+    assert payload["tokenizer"]["lowercase"] is True
+    assert payload["src_vocab"] != payload["tgt_vocab"]
+    assert not any(piece != piece.lower() for piece in payload["src_vocab"][len(SPECIALS) :])
+    translator = Translator.from_checkpoint(checkpoint, "cpu")
+    assert translator.src_subword.kind == translator.tgt_subword.kind == "unigram"
+    assert translator.encode(["Ant BEE cat"]) == translator.encode(["ant bee cat"])
+    assert not any(UNK in ids for ids in translator.encode(["Antbee dogcat"]))
+    [translation] = translator.translate(["Ant bee cat"])
+    assert "<unk>" not in translation

@@ -3,6 +3,7 @@ over its HTTP data API for the run, its scalar tags and the number of points of 
 
 from __future__ import annotations
 
+import csv
 import json
 import socket
 import subprocess
@@ -117,7 +118,27 @@ def test_tensorboard_has_one_point_per_log_step_and_per_epoch(server, run):
     assert len(points("averaged/bleu")) == 1
 
 
-def test_tensorboard_sees_the_run_hyper_parameters(server):
+def test_tensorboard_sees_the_run_hyper_parameters(server, run):
     plugins = _get(server, "/data/plugins_listing")
-    assert plugins["hparams"]["enabled"]
     assert plugins["scalars"]["enabled"] and plugins["images"]["enabled"]
+    assert plugins["hparams"]["enabled"]
+    request = {
+        "experimentName": "",
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        "startIndex": 0,
+        "sliceSize": 10,
+    }
+    groups = _get(server, "/data/plugin/hparams/session_groups", request=json.dumps(request))
+    [group] = groups["sessionGroups"]
+    hparams = group["hparams"]
+    # The values the run was given (train_support.overrides and this module's fixture).
+    assert hparams["optim.lr"] == pytest.approx(3e-3)
+    assert hparams["optim.warmup_steps"] == 50
+    assert hparams["data.max_tokens"] == 400
+    assert (hparams["data.src"], hparams["data.tgt"]) == ("en", "de")
+    assert hparams["world_size"] == 1
+    metrics = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+    logdir, _ = run
+    with open(logdir / "tb-run" / "metrics.csv", newline="") as handle:
+        last = list(csv.DictReader(handle))[-1]
+    assert metrics["hparam/final_val_bleu"] == pytest.approx(float(last["val_bleu"]), abs=1e-3)

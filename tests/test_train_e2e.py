@@ -126,7 +126,26 @@ def test_checkpoints_are_self_contained_and_safe_to_load(finished_run):
     assert last["train_state"]["progress"]["epoch"] == epochs[-1]
     averaged = torch.load(saved_dir / "averaged.pt", map_location="cpu", weights_only=True)
     assert averaged["averaged_from"] == [f"epoch_{e}.pt" for e in epochs]
-    assert averaged["metrics"]["val_bleu"] > 0
+
+
+def test_the_averaged_model_carries_its_own_validation_metrics(finished_run):
+    from transformer_mt.inference.translator import Translator
+    from transformer_mt.metrics import corpus_bleu
+
+    saved_dir, _, _ = finished_run
+    averaged = torch.load(saved_dir / "averaged.pt", map_location="cpu", weights_only=True)
+    last_epoch = torch.load(
+        saved_dir / averaged["averaged_from"][-1], map_location="cpu", weights_only=True
+    )
+    # Not the last epoch's figures, which belong to other weights ...
+    assert averaged["metrics"]["val_loss"] != last_epoch["metrics"]["val_loss"]
+    # ... but the BLEU that decoding the validation split with the averaged weights gives.
+    corpus = saved_dir.parent.parent / "corpus"
+    sources = (corpus / "val.src").read_text().splitlines()
+    references = (corpus / "val.tgt").read_text().splitlines()
+    translator = Translator.from_checkpoint(saved_dir / "averaged.pt", device="cpu")
+    bleu = corpus_bleu(translator.translate(sources), references)
+    assert averaged["metrics"]["val_bleu"] == pytest.approx(bleu, abs=0.01)
 
 
 def test_best_checkpoint_translates_with_the_shared_decoding_code(finished_run):

@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +189,9 @@ def test_a_bad_checkpoint_from_the_command_line_exits_2(tmp_path) -> None:
 
 
 def test_help_explains_every_option(capsys) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         translate_cli.main(["--help"])
+    assert exit_.value.code == 0
     text = capsys.readouterr().out
     for option in ("--input", "--output", "--beam", "--nbest", "--device", "--batch-size"):
         assert option in text
@@ -288,3 +290,38 @@ def test_ctrl_c_exits_130_without_a_traceback(toy) -> None:
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+
+
+class EndlessLine:
+    """`size` bytes of one line without a newline, then "\\nZwei.\\n", READ_BYTES at a time. The
+    block it hands out is made once, so that a reader's allocations are all that tracemalloc sees."""
+
+    def __init__(self, size: int) -> None:
+        self.block = b"vier " * (READ_BYTES // 5)
+        self.blocks = size // len(self.block)
+        self.ended = False
+
+    def read1(self, n: int = -1) -> bytes:
+        if self.blocks:
+            self.blocks -= 1
+            return self.block
+        if not self.ended:
+            self.ended = True
+            return b"\nZwei.\n"
+        return b""
+
+
+def test_a_32_mib_line_is_read_in_memory_bounded_by_the_line_limit() -> None:
+    """The line is cut as it streams by: the reader never holds more than a few reads' worth of
+    it. (Holding the line whole, or copying a growing buffer on each read, the quadratic-time
+    way, both need tens of MiB here.)"""
+    stream = EndlessLine(32 << 20)
+    tracemalloc.start()
+    try:
+        lines = [line for chunk in line_chunks(stream, max_lines=10) for line in chunk]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(lines) == 2 and lines[1] == "Zwei."
+    assert lines[0].startswith("vier vier") and len(lines[0]) <= translate_cli.MAX_LINE_BYTES
+    assert peak < 4 * (READ_BYTES + translate_cli.MAX_LINE_BYTES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from toy_support import ToyRun, pad, toy_sources
 
 from transformer_mt.config import DecodeConfig, ModelConfig
 from transformer_mt.data.vocab import EOS
-from transformer_mt.errors import CheckpointError
+from transformer_mt.errors import CheckpointError, ConfigError
 from transformer_mt.files import atomic_writer
 from transformer_mt.inference.search import beam_search, greedy_search
 from transformer_mt.inference.translator import (
@@ -158,6 +159,32 @@ def test_rnn_baseline_decodes_through_the_same_interface() -> None:
         [h.tokens for h in hyps] for hyps in uncached
     ]
     assert [h[0].tokens for h in beam_search(model, src, 1, 0.0, 3, 1.0)] == greedy
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API's promises (README, "Python API")
+
+
+def test_beam_search_through_the_api_needs_no_ctranslate2(
+    translator: Translator, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if the [export] extra were absent
+    assert translator.translate("Zwei drei vier.", beam_size=5) == "Two three four."
+    [nbest] = translator.translate_nbest(["Zehn."])
+    assert nbest[0][0] == "Ten."
+
+
+def test_an_unknown_decoding_option_is_a_config_error_naming_it(translator: Translator) -> None:
+    with pytest.raises(ConfigError, match="unknown decoding setting 'beam_sise': use one of"):
+        translator.translate("Zehn.", beam_sise=5)
+    with pytest.raises(ConfigError, match="decode.beam_size"):
+        translator.translate("Zehn.", beam_size=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_config_error(toy: ToyRun) -> None:
+    with pytest.raises(ConfigError, match="'cuda' asked for, but no CUDA device is available"):
+        Translator.from_checkpoint(toy.checkpoint, device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Keys (format 1):
                     checkpoints written before subwords existed) or {"kind": "bpe" | "unigram",
                     "src": bytes, "tgt": bytes}, the SentencePiece models of both sides
     epoch, step     ints: epochs and optimizer steps completed
-    metrics         dict[str, float]: the last validation metrics
+    metrics         dict[str, float]: the last validation metrics of these weights (empty in
+                    an averaged checkpoint that was not validated: `mt-average`'s)
     train_state     dict (only in last.pt / epoch_<n>.pt): optimizer, schedule, progress (epoch,
                     step, batch position, best metric, ...), per-rank RNG states and partial-epoch
                     loss, world_size: enough to resume exactly; and pending_row, the epoch's log
@@ -202,7 +203,9 @@ def average_checkpoints(paths: list[str | os.PathLike]) -> dict[str, Any]:
 
     Averaging the last few epoch checkpoints usually gains a little BLEU for free. Config,
     vocabularies and counters come from the last file; the training state is dropped (an averaged
-    model is for evaluation, not for resuming). Integer buffers are taken from the last file.
+    model is for evaluation, not for resuming), and so are the metrics, which were measured on
+    other weights: they are empty until the average is validated. Integer buffers are taken from
+    the last file.
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
@@ -225,5 +228,6 @@ def average_checkpoints(paths: list[str | os.PathLike]) -> dict[str, Any]:
             weights[name] = tensor
     averaged = {key: value for key, value in last.items() if key != "train_state"}
     averaged["model"] = weights
+    averaged["metrics"] = {}
     averaged["averaged_from"] = [Path(path).name for path in paths]
     return averaged

@@ -1,7 +1,8 @@
 """`mt-average` / `python scripts/average.py saved/<run> [--last K] [--output PATH]`.
 
 Averages the weights of a run's last K epoch checkpoints (`epoch_<n>.pt`, highest n) into one
-checkpoint, `saved/<run>/averaged.pt` by default. Score it like any other:
+checkpoint, `saved/<run>/averaged.pt` by default. It is not validated, so it stores no metrics (the
+last epoch's belong to other weights); score it like any other:
 `python scripts/evaluate.py checkpoint=saved/<run>/averaged.pt`.
 """
 

@@ -341,4 +341,5 @@ def search(
         cfg.nbest,
         use_cache,
         max_len_limit,
+        ban_unk,
     )

@@ -61,6 +61,7 @@ def train_state(path) -> dict:
     return torch.load(path, weights_only=True)["train_state"]
 
 
+@pytest.mark.slow
 def test_validate_every_writes_a_row_and_checkpoints_per_validation(corpus, tmp_path, caplog):
     """validate_every=5 over 3 epochs of 4 steps: validations at steps 5 and 10 (mid-epoch) and at
     step 12, where the run ends between two of them; epoch ends validate no more but still write
@@ -93,6 +94,7 @@ def test_validate_every_writes_a_row_and_checkpoints_per_validation(corpus, tmp_
     assert "training stopped: reached trainer.max_epochs=3" in caplog.text
 
 
+@pytest.mark.slow
 def test_max_time_stops_in_the_middle_of_an_epoch_and_a_resume_continues(
     corpus, tmp_path, monkeypatch, caplog
 ):
@@ -144,6 +146,7 @@ def test_max_time_stops_in_the_middle_of_an_epoch_and_a_resume_continues(
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 
+@pytest.mark.slow
 def test_patience_and_the_plateau_schedule_count_validations(corpus, tmp_path, caplog):
     """The weights cannot move (lr 1e-30), so val_loss never improves after the validation at
     step 3: with plateau_patience=1 each later validation halves the rate, and patience=2 stops

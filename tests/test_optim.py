@@ -48,7 +48,7 @@ def test_plateau_drops_by_factor_after_patience_epochs_without_improvement():
     bleu = [10.0, 12.0, 11.0, 12.0, 13.0, 13.0, 12.5]
     levels = []
     for value in bleu:
-        schedule.epoch_end(value)
+        schedule.record(value)
         levels.append(schedule.lr(1000))
     assert levels == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 5e-4, 2.5e-4])
 
@@ -56,31 +56,31 @@ def test_plateau_drops_by_factor_after_patience_epochs_without_improvement():
 def test_plateau_respects_min_lr_and_loss_direction():
     schedule = _schedule(patience=0)
     schedule.monitor = "val_loss"
-    schedule.epoch_end(3.0)
+    schedule.record(3.0)
     assert schedule.lr(1000) == pytest.approx(1e-3)
-    schedule.epoch_end(2.5)  # lower loss: an improvement
+    schedule.record(2.5)  # lower loss: an improvement
     assert schedule.lr(1000) == pytest.approx(1e-3)
     for _ in range(10):
-        schedule.epoch_end(2.6)
+        schedule.record(2.6)
     assert schedule.lr(1000) == pytest.approx(1e-4)  # floored at min_lr
 
 
 def test_warmup_after_a_drop_scales_from_the_lowered_level():
     schedule = _schedule(patience=0)
-    schedule.epoch_end(5.0)
-    schedule.epoch_end(4.0)  # drop to 5e-4 while still inside the warmup
+    schedule.record(5.0)
+    schedule.record(4.0)  # drop to 5e-4 while still inside the warmup
     assert schedule.lr(5) == pytest.approx(5e-4 * 5 / 10)
 
 
 def test_schedule_state_round_trips():
     schedule = _schedule()
     for value in (10.0, 9.0, 8.0):
-        schedule.epoch_end(value)
+        schedule.record(value)
     restored = _schedule()
     restored.load_state_dict(schedule.state_dict())
-    assert (restored.level, restored.best, restored.bad_epochs) == (5e-4, 10.0, 0)
+    assert (restored.level, restored.best, restored.bad_validations) == (5e-4, 10.0, 0)
     for value in (7.0, 6.0):
-        assert restored.epoch_end(value) == schedule.epoch_end(value)
+        assert restored.record(value) == schedule.record(value)
     assert restored.lr(100) == schedule.lr(100)
 
 
@@ -94,7 +94,7 @@ def test_linear_decay_falls_from_the_peak_to_min_lr_over_the_budget_left_after_w
     assert schedule.lr(900, used=0.95) == pytest.approx(1e-4)  # floored at min_lr
     assert schedule.lr(1000, used=1.0) == pytest.approx(1e-4)
     for value in (10.0, 9.0, 8.0, 7.0):  # a stalled metric never lowers it further
-        assert not schedule.epoch_end(value)
+        assert not schedule.record(value)
     assert schedule.lr(500, used=0.55) == pytest.approx(5e-4)
     restored = _schedule(decay="linear")
     restored.load_state_dict(schedule.state_dict())  # the decay start survives a resume

@@ -6,6 +6,7 @@ The cases of the reliability checklist and where each is tested:
     ----------------------------------------------------  ------------------------------------------
     SIGKILL during a step / validation / checkpoint        here: test_sigkill_at_five_points_...
       write / after the rename / during the epoch copy
+    SIGKILL between two saves every N steps, mid-epoch     here: test_sigkill_between_two_saves_...
     Ctrl-C saves last.pt, resume continues                test_train_e2e: test_ctrl_c_saves_...
     disk full while writing a checkpoint                  test_trainer: test_full_disk_stops_...
                                                           test_checkpoint: test_failed_write_keeps_...
@@ -143,9 +144,10 @@ class KillServer:
             self.process.kill()  # no-op once it has exited
 
 
-@pytest.fixture
-def kill_server(tmp_path):
-    server = KillServer(tmp_path / "logs")
+@pytest.fixture(scope="module")
+def kill_server(tmp_path_factory):
+    """One server for the module: its start-up (the imports) is paid once."""
+    server = KillServer(tmp_path_factory.mktemp("kill-logs") / "logs")
     yield server
     server.close()
 
@@ -199,6 +201,44 @@ def test_sigkill_at_five_points_never_leaves_a_truncated_last_checkpoint(tmp_pat
     assert [p.name for p in sorted(saved.glob("epoch_*.pt"))] == ["epoch_1.pt", "epoch_4.pt"]
     assert load_checkpoint(saved / "best.pt")["step"] > 0
     assert not (saved / LOCK_NAME).exists()
+
+
+def test_sigkill_between_two_saves_every_n_steps_resumes_to_the_same_weights(tmp_path, kill_server):
+    """With trainer.validate_every=3 trainer.save_every=3 (4 steps an epoch, so the saves fall in
+    the middle of epochs; epoch ends save too), a SIGKILL at step 8 loses steps 7 and 8 only: the
+    resume continues from step 6, batch 2 of epoch 2, and ends bit for bit where an uninterrupted
+    run ends."""
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=200, n_val=10)
+    every = ("trainer.validate_every=3", "trainer.save_every=3", "trainer.max_epochs=2")
+    quick = ("model.dropout=0.1", "trainer.num_samples=0")
+    straight = overrides(corpus, tmp_path, "straight", *every, *quick)
+    killed = overrides(corpus, tmp_path, "killed", *every, *quick)
+    saved = tmp_path / "saved"
+
+    finished = kill_server.train_until_killed("none", 0, straight)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert load_checkpoint(saved / "straight" / "epoch_1.pt")["step"] == 4  # steps per epoch
+    stopped = kill_server.train_until_killed("step", 8, killed)
+    assert stopped.returncode == -9, stopped.stderr[-3000:]
+    progress = load_checkpoint(saved / "killed" / "last.pt")["train_state"]["progress"]
+    assert (progress["step"], progress["epoch"], progress["batches_in_epoch"]) == (6, 1, 2)
+    resumed = kill_server.train_until_killed("none", 0, [*killed, "trainer.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    for name in ("last.pt", "best.pt", "epoch_1.pt", "epoch_2.pt"):
+        a = load_checkpoint(saved / "straight" / name)
+        b = load_checkpoint(saved / "killed" / name)
+        assert a["step"] == b["step"] and a["metrics"] == b["metrics"], name
+        assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"]), name
+    assert load_checkpoint(saved / "killed" / "last.pt")["step"] == 8
+
+    def rows(run: str) -> list[tuple]:
+        lines = (tmp_path / "result" / run / "metrics.jsonl").read_text().splitlines()
+        keys = ("epoch", "step", "train_loss", "val_loss", "val_bleu", "lr")
+        return [tuple(json.loads(line)[key] for key in keys) for line in lines]
+
+    assert [row[:2] for row in rows("killed")] == [(1, 3), (2, 6), (2, 8)]
+    assert rows("killed") == rows("straight")
 
 
 # ------------------------------------------------------------------------------------------

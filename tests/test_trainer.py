@@ -360,7 +360,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(corpus, tmp_pa
         train(cfg)
     last = torch.load(tmp_path / "saved" / "stalls" / "last.pt", weights_only=True)
     assert last["epoch"] == 3
-    assert "early stopping: val_loss has not improved for 2 epochs" in caplog.text
+    assert "early stopping: val_loss has not improved for 2 validations" in caplog.text
 
 
 def test_cpu_with_the_base_model_warns_and_names_the_small_preset(caplog):
@@ -443,7 +443,7 @@ def test_temp_files_never_follow_a_planted_symlink(tmp_path):
     (run / "last.pt").write_bytes(b"checkpoint")
     copy_checkpoint(run / "last.pt", run / "epoch_1.pt")
     logger = RunLogger(run)
-    logger.epoch_row({"epoch": 1, "step": 1, "val_loss": 1.0, "val_ppl": 2.7, "val_bleu": 5.0})
+    logger.metrics_row({"epoch": 1, "step": 1, "val_loss": 1.0, "val_ppl": 2.7, "val_bleu": 5.0})
     logger.close()
     assert victim.read_text() == "untouched"
     assert (run / "epoch_1.pt").read_bytes() == b"checkpoint"

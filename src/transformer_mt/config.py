@@ -201,7 +201,7 @@ class OptimConfig:
     # After warmup: `plateau` lowers the rate when trainer.monitor stalls; `linear` decays it to
     # min_lr over the run's budget (trainer.max_time, max_steps or max_epochs, the first to end).
     decay: str = "plateau"
-    plateau_factor: float = 0.5  # lr *= factor after `plateau_patience` epochs without improvement
+    plateau_factor: float = 0.5  # lr *= factor after `plateau_patience` validations without gain
     plateau_patience: int = 2
     min_lr: float = 1e-6
     clip_norm: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -234,10 +234,20 @@ class TrainerConfig:
     seed: int = 1234
     max_epochs: int = 30
     max_steps: int | None = None  # stop after this many optimizer steps
-    # Minutes of training and validation: no epoch is started that would end after it at the last
-    # epoch's pace (on a resume, before the first epoch is timed: after the epoch that crosses it).
+    # Optimizer steps between validations (each one a metrics row, best.pt when it improved and
+    # last.pt), anywhere in an epoch; None: once per epoch, at its end.
+    validate_every: int | None = None
+    # Optimizer steps between saves of last.pt in the middle of an epoch (resumable exactly);
+    # None: saved at epoch ends and validations only.
+    save_every: int | None = None
+    # Minutes of training and validation. With validate_every or save_every set, the run stops at
+    # the first step past it, even in the middle of an epoch. Otherwise no epoch is started that
+    # would end after it at the last epoch's pace (on a resume, before the first epoch is timed:
+    # after the epoch that crosses it).
     max_time: float | None = None
-    patience: int = 6  # early stopping: epochs without improvement of `monitor`; 0 disables
+    # Early stopping: validations without improvement of `monitor` (one per epoch unless
+    # validate_every); 0 disables.
+    patience: int = 6
     monitor: str = "val_bleu"  # val_bleu (higher is better) or val_loss (lower is better)
     keep_last: int = 5  # epoch_<n>.pt files kept
     average_last: int = 0  # at the end, average the last k epoch_<n>.pt into averaged.pt; 0 = off
@@ -253,7 +263,7 @@ class TrainerConfig:
     # AVX512-BF16 or AMX), off elsewhere. True on a CPU without bf16 support is an error.
     amp: bool | None = None
     log_every: int = 50  # steps between TensorBoard train/* points
-    num_samples: int = 3  # sample translations shown per epoch
+    num_samples: int = 3  # sample translations shown per validation
     skip_nonfinite: bool = False  # on a NaN/inf loss: False = stop the run, True = skip the batch
     val_batch_size: int = 128  # sentences per validation decoding batch
     progress: bool = True  # per-step progress bar
@@ -266,6 +276,8 @@ class TrainerConfig:
         _positive("trainer.max_epochs", self.max_epochs)
         _positive("trainer.max_steps", self.max_steps, allow_none=True)
         _positive("trainer.max_time", self.max_time, allow_none=True)
+        _positive("trainer.validate_every", self.validate_every, allow_none=True)
+        _positive("trainer.save_every", self.save_every, allow_none=True)
         _non_negative("trainer.patience", self.patience)
         _non_negative("trainer.keep_last", self.keep_last)
         _non_negative("trainer.average_last", self.average_last)
@@ -281,6 +293,12 @@ class TrainerConfig:
         _positive("trainer.val_batch_size", self.val_batch_size)
         if self.init_optimizer and self.init_from is None:
             raise ConfigError("trainer.init_optimizer=true needs trainer.init_from=<checkpoint>")
+
+    @property
+    def by_steps(self) -> bool:
+        """Whether validation or saving runs every N steps: max_time is then checked between
+        steps instead of between epochs."""
+        return self.validate_every is not None or self.save_every is not None
 
 
 @dataclass

@@ -85,25 +85,27 @@ def plot_attention(
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Loss (train and validation) and validation BLEU over epochs, side by side, as a PNG.
+    """Loss (train and validation) and validation BLEU over epochs or steps, side by side, as a PNG.
 
-    `rows` are metrics rows (`epoch`, `train_loss`, `val_loss`, `val_bleu`); None is drawn as a gap.
+    `rows` are metrics rows (`epoch`, `step`, `train_loss`, `val_loss`, `val_bleu`); None is
+    drawn as a gap. When two rows share an epoch (validations every N steps), steps are the axis.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [row["epoch"] for row in rows]
+    x_name = "epoch" if len({row["epoch"] for row in rows}) == len(rows) else "step"
+    xs = [row[x_name] for row in rows]
     figure = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(figure)
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.92, wspace=0.25)
     loss_ax, bleu_ax = figure.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        loss_ax.plot(epochs, [_gap(row[key]) for row in rows], marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="loss per target token", title="Loss")
+        loss_ax.plot(xs, [_gap(row[key]) for row in rows], marker="o", label=label)
+    loss_ax.set(xlabel=x_name, ylabel="loss per target token", title="Loss")
     loss_ax.legend()
-    bleu_ax.plot(epochs, [_gap(row["val_bleu"]) for row in rows], marker="o", color="tab:green")
-    bleu_ax.set(xlabel="epoch", ylabel="BLEU", title="Validation BLEU")
+    bleu_ax.plot(xs, [_gap(row["val_bleu"]) for row in rows], marker="o", color="tab:green")
+    bleu_ax.set(xlabel=x_name, ylabel="BLEU", title="Validation BLEU")
     for ax in (loss_ax, bleu_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -24,15 +24,15 @@ from transformer_mt.files import atomic_writer
 from transformer_mt.plots import plot_curves
 
 METRIC_COLUMNS = (
-    "epoch",  # epochs completed (a run stopped by max_steps logs its unfinished epoch's number)
+    "epoch",  # the epoch just completed, or the one in progress (validate_every, a stopped run)
     "step",  # optimizer steps so far
-    "train_loss",  # the training objective per target token (label-smoothed when configured)
+    "train_loss",  # training objective per target token over the epoch so far (label-smoothed)
     "val_loss",  # plain cross-entropy per target token, teacher forced
     "val_ppl",  # exp(val_loss)
     "val_bleu",  # corpus sacreBLEU of decoding the whole validation split
     "lr",  # learning rate of the next step (after any plateau decrease)
     "tokens_per_s",  # target tokens per second of training, all processes together
-    "epoch_seconds",  # wall-clock of the epoch: training and validation
+    "epoch_seconds",  # wall-clock of the epoch so far: its training and this validation
 )
 
 
@@ -71,8 +71,9 @@ class RunLogger:
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, step)
 
-    def epoch_row(self, row: dict[str, Any]) -> None:
-        """Append one epoch's metrics to metrics.csv and metrics.jsonl; TensorBoard val/* points."""
+    def metrics_row(self, row: dict[str, Any]) -> None:
+        """Append one validation's metrics to metrics.csv and metrics.jsonl; TensorBoard val/*
+        points at its step."""
         if not self.enabled:
             return
         row = {key: row.get(key) for key in METRIC_COLUMNS}

@@ -3,8 +3,9 @@
 During the first `warmup_steps` optimizer steps the rate climbs linearly to its peak (`warmup_lr`).
 After that, `optim.decay` decides:
 
-- `plateau` (default): the rate only changes at the end of an epoch, when the monitored validation
-  metric has not improved for `plateau_patience` epochs (`PlateauSchedule.epoch_end`).
+- `plateau` (default): the rate only changes after a validation (once per epoch, or every
+  `trainer.validate_every` steps), when the monitored metric has not improved for
+  `plateau_patience` validations (`PlateauSchedule.record`).
 - `linear`: the rate falls linearly from the peak to `min_lr` over the rest of the run's budget —
   whichever of `trainer.max_time`, `trainer.max_steps` and `trainer.max_epochs` ends first. With a
   time budget the clock is wall time, so the run anneals whatever the machine's speed. A fixed
@@ -73,12 +74,13 @@ def warmup_lr(step: int, peak_lr: float, warmup_steps: int) -> float:
 
 @dataclass
 class PlateauSchedule:
-    """Linear warmup to `peak_lr`, then `lr *= factor` after `patience` epochs without improvement.
+    """Linear warmup to `peak_lr`, then `lr *= factor` after `patience` validations without
+    improvement.
 
-    `lr(step)` is the rate for optimizer step `step`; `epoch_end(metric)` is called once per epoch
-    with the monitored validation metric and lowers the plateau level when it stalls. The level never
-    goes below `min_lr`. Same rule as torch's ReduceLROnPlateau (no threshold, no cooldown), except
-    that the drop comes on the `patience`-th bad epoch rather than the one after it.
+    `lr(step)` is the rate for optimizer step `step`; `record(metric)` is called after each
+    validation with the monitored metric and lowers the plateau level when it stalls. The level
+    never goes below `min_lr`. Same rule as torch's ReduceLROnPlateau (no threshold, no cooldown),
+    except that the drop comes on the `patience`-th bad validation rather than the one after it.
     """
 
     peak_lr: float
@@ -90,7 +92,7 @@ class PlateauSchedule:
     decay: str = "plateau"  # plateau | linear
     level: float = 0.0  # the post-warmup rate; starts at peak_lr
     best: float | None = None
-    bad_epochs: int = 0
+    bad_validations: int = 0
     decay_from: float | None = None  # linear: the budget fraction used when warmup ended
 
     def __post_init__(self) -> None:
@@ -122,19 +124,19 @@ class PlateauSchedule:
         left = (1.0 - used) / (1.0 - self.decay_from)
         return max(self.min_lr, self.level * min(1.0, left))
 
-    def epoch_end(self, metric: float) -> bool:
-        """Record one epoch's monitored metric; return True when the rate was lowered."""
+    def record(self, metric: float) -> bool:
+        """Record one validation's monitored metric; return True when the rate was lowered."""
         if is_improvement(metric, self.best, self.monitor):
             self.best = metric
-            self.bad_epochs = 0
+            self.bad_validations = 0
             return False
-        self.bad_epochs += 1
+        self.bad_validations += 1
         if self.decay != "plateau":
             return False
-        if self.bad_epochs < self.patience or self.level <= self.min_lr:
+        if self.bad_validations < self.patience or self.level <= self.min_lr:
             return False
         self.level = max(self.level * self.factor, self.min_lr)
-        self.bad_epochs = 0
+        self.bad_validations = 0
         return True
 
     def state_dict(self) -> dict:
@@ -149,7 +151,9 @@ class PlateauSchedule:
         """
         self.level = state["level"] * self.peak_lr / state.get("peak_lr", self.peak_lr)
         self.best = state["best"]
-        self.bad_epochs = state["bad_epochs"]
+        # "bad_epochs": checkpoints written before validations could come mid-epoch
+        key = "bad_validations" if "bad_validations" in state else "bad_epochs"
+        self.bad_validations = state[key]
         self.decay_from = state.get("decay_from")
 
 

@@ -1,5 +1,6 @@
-"""What a run tells its user as it goes: the start line, training points, each epoch's metrics
-with a few sample translations and a cross-attention heat-map, and the final hyper-parameters.
+"""What a run tells its user as it goes: the start line, training points, each validation's
+metrics with a few sample translations and a cross-attention heat-map, and the final
+hyper-parameters.
 
 The console and train.log get the lines; `RunLogger` (train/logging.py) writes the metrics files,
 TensorBoard events and curves. Only rank 0 reports: elsewhere the logger is disabled.
@@ -106,13 +107,24 @@ class Reporter:
         for name in ("loss", "ppl", "bleu"):
             self.logger.scalar(f"{prefix}/{name}", metrics[f"val_{name}"], step)
 
-    def epoch(self, row: dict[str, Any], validation: Validation, model: torch.nn.Module) -> None:
-        """One epoch: its log line and metrics row, sample translations, an attention map."""
+    def validation(
+        self,
+        row: dict[str, Any],
+        validation: Validation,
+        model: torch.nn.Module,
+        epoch_done: bool,
+    ) -> None:
+        """One validation (at the end of an epoch if `epoch_done`): its log line and metrics row,
+        sample translations, an attention map."""
+        where = (
+            f"epoch {row['epoch']} (step {row['step']})"
+            if epoch_done
+            else f"step {row['step']} (in epoch {row['epoch']})"
+        )
         log.info(
-            "epoch %d (step %d): train loss %.4f | val loss %.4f, ppl %.2f, BLEU %.2f | lr %.3g | "
+            "%s: train loss %.4f | val loss %.4f, ppl %.2f, BLEU %.2f | lr %.3g | "
             "%.0f tokens/s | %.0f s",
-            row["epoch"],
-            row["step"],
+            where,
             row["train_loss"],
             row["val_loss"],
             row["val_ppl"],
@@ -121,7 +133,7 @@ class Reporter:
             row["tokens_per_s"],
             row["epoch_seconds"],
         )
-        self.logger.epoch_row(row)
+        self.logger.metrics_row(row)
         val, lines = self.validator.val, []
         for n, i in enumerate(self.sample_ids, start=1):
             source, reference, hypothesis = (

@@ -22,15 +22,26 @@ class Progress:
     step: int = 0  # optimizer steps taken
     batches_in_epoch: int = 0  # batches of the current epoch already trained on (0 at a boundary)
     best_metric: float | None = None  # best value of trainer.monitor so far
-    best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since best_metric last improved (early stopping)
-    train_seconds: float = 0.0  # training wall-clock over all sessions (trainer.max_time)
+    best_epoch: int = 0  # the epoch in progress when best_metric was measured ...
+    best_step: int = 0  # ... and the step
+    bad_validations: int = 0  # validations since best_metric last improved (early stopping)
+    # Training and validation wall-clock over all sessions (trainer.max_time).
+    train_seconds: float = 0.0
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch a validation now belongs to: the one in progress, or at a boundary the one
+        just completed (1-based)."""
+        return self.epoch + 1 if self.batches_in_epoch else self.epoch
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Progress:
+        state = dict(state)
+        if "bad_epochs" in state:  # checkpoints written before validations could come mid-epoch
+            state["bad_validations"] = state.pop("bad_epochs")
         return cls(**state)
 
 

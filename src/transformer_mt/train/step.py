@@ -66,6 +66,10 @@ class Meter:
         self.loss_sum = self.loss_sum + loss_sum
         self.tokens += tokens
 
+    def leave_out(self, seconds: float) -> None:
+        """Do not count `seconds` spent on something else (a validation, a save) in the rate."""
+        self.started += seconds
+
 
 class Step:
     """The training step of one run: the model it calls, its optimizer, and on-device records of

@@ -2,7 +2,9 @@
 
 `stop_reason` applies the budget rules between epochs (`trainer.max_epochs`, `max_steps`,
 `max_time`, `patience`), and `budget_used` says how much of that budget is spent (the linear
-learning-rate decay follows it). A NaN or infinite loss ends the run with `TrainingDiverged`.
+learning-rate decay follows it). Inside an epoch the trainer stops on `max_steps` and, with
+`trainer.validate_every` or `save_every` set, on `max_time` (`out_of_time`). A NaN or infinite
+loss ends the run with `TrainingDiverged`.
 
 Ctrl-C and `kill` are a polite request: finish the current step, save, then stop. Inside `with StopRequest() as stop:` the first SIGINT, SIGTERM or SIGHUP only sets `stop.signum`; the
 training loop looks at it between optimizer steps, writes `last.pt` and raises `TrainingInterrupted`.
@@ -110,39 +112,51 @@ def interrupted(signum: int, p: Progress, paths: RunPaths) -> TrainingInterrupte
 
 
 def stop_reason(p: Progress, tc: TrainerConfig, last_epoch_seconds: float) -> str | None:
-    """Why training should stop before another epoch, or None to go on.
+    """Why training should stop before another epoch (or the rest of one), or None to go on.
 
-    With `trainer.max_time`, no epoch starts that would end after the budget at the pace of the
-    last whole epoch (`last_epoch_seconds`, its training and validation).
+    With `trainer.max_time` and validation and saving once per epoch, no epoch starts that would
+    end after the budget at the pace of the last whole epoch (`last_epoch_seconds`, its training
+    and validation). With `validate_every` or `save_every` the budget is checked between steps
+    (`out_of_time`) instead, so an epoch of hours may start and stop in its middle.
     """
     if p.epoch >= tc.max_epochs:
         return f"reached trainer.max_epochs={tc.max_epochs}"
     if tc.max_steps is not None and p.step >= tc.max_steps:
         return f"reached trainer.max_steps={tc.max_steps}"
     if tc.max_time is not None:
-        if p.train_seconds >= tc.max_time * 60:
+        if out_of_time(p.train_seconds, tc):
             return f"reached trainer.max_time={tc.max_time} minutes"
-        if p.train_seconds + last_epoch_seconds > tc.max_time * 60:
+        if not tc.by_steps and p.train_seconds + last_epoch_seconds > tc.max_time * 60:
             return (
                 f"another epoch (about {last_epoch_seconds / 60:.1f} minutes) would end "
                 f"after trainer.max_time={tc.max_time} minutes"
             )
-    if tc.patience and p.bad_epochs >= tc.patience:
+    if tc.patience and p.bad_validations >= tc.patience:
         return (
-            f"early stopping: {tc.monitor} has not improved for {p.bad_epochs} epochs "
-            f"(best {p.best_metric:.4g} at epoch {p.best_epoch})"
+            f"early stopping: {tc.monitor} has not improved for {p.bad_validations} validations "
+            f"(best {p.best_metric:.4g} at step {p.best_step}, epoch {p.best_epoch})"
         )
     return None
 
 
-def record_metric(p: Progress, value: float, monitor: str, completed: bool) -> bool:
+def out_of_time(train_seconds: float, tc: TrainerConfig) -> bool:
+    """Whether `train_seconds` of training and validation have spent `trainer.max_time`."""
+    return tc.max_time is not None and train_seconds >= tc.max_time * 60
+
+
+def record_metric(p: Progress, value: float, monitor: str, counts: bool) -> bool:
     """Count `value` of `monitor` into the best metric and the early-stopping count (a
-    completed epoch that did not improve adds one); True if it improved."""
+    validation that `counts` and did not improve adds one); True if it improved.
+
+    The validations that count are the regular ones (each epoch, or every
+    `trainer.validate_every` steps), not one made because the run stopped in between.
+    """
     improved = is_improvement(value, p.best_metric, monitor)
     if improved:
-        p.best_metric, p.best_epoch, p.bad_epochs = value, p.epoch, 0
-    elif completed:
-        p.bad_epochs += 1
+        p.best_metric, p.best_epoch, p.best_step = value, p.current_epoch, p.step
+        p.bad_validations = 0
+    elif counts:
+        p.bad_validations += 1
     return improved
 
 

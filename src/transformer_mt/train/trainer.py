@@ -4,6 +4,12 @@
     then        save last.pt → validate (train/validation.py) → record the metric → write the
                 epoch's checkpoints (train/snapshot.py) and logs (train/reporting.py)
     until       train/stopping.py says why not to start another epoch
+    at the end  validate the last weights if no validation has seen them
+
+With `trainer.validate_every=N` the validation, its row and its checkpoints come every N optimizer
+steps instead, wherever they fall in an epoch (an epoch end then writes last.pt and epoch_<n>.pt
+only); with `trainer.save_every=N` last.pt is also written every N steps. Either makes
+`trainer.max_time` a check between steps, so a run of long epochs stops on its budget mid-epoch.
 
 Under `torchrun` every process trains on its own shard of each epoch's batches (DDP averages the
 gradients); `data.max_tokens` is the budget of one batch *per process*, so a step sees
@@ -41,6 +47,7 @@ from transformer_mt.train.stopping import (
     budget_used,
     diverged,
     interrupted,
+    out_of_time,
     record_metric,
     stop_reason,
 )
@@ -97,7 +104,8 @@ class Trainer(snapshot.Resumable):
         self.init: InitCheckpoint | None = None  # fine-tuning: the checkpoint it started from
         self.start_metrics: dict[str, float] = {}  # fine-tuning: validation before the first step
         self.last_epoch_seconds = 0.0  # training + validation of the last whole epoch
-        self._train_started: float | None = None  # when the running train_epoch began
+        self._clock: float | None = None  # while fit runs: up to when train_seconds is counted
+        self._validated_step = -1  # the step of the last validation in this session
         self.stop = StopRequest()
         self.window = Meter()  # since the last log point
         self.epoch_meter = Meter()  # since the start of the epoch
@@ -118,6 +126,7 @@ class Trainer(snapshot.Resumable):
         trained = False
         try:
             with self.stop:
+                self._clock = time.perf_counter()
                 # An epoch saved but not validated when the last session stopped: validate it.
                 if self.pending_row is not None:
                     log.info(
@@ -125,19 +134,24 @@ class Trainer(snapshot.Resumable):
                         "validating it now",
                         p.epoch,
                     )
-                    self._validate_epoch(self.pending_row, True, self._rank_states())
+                    self._validate(self.pending_row, self._rank_states(), epoch_done=True)
                     self.pending_row = None
                     trained = True
-                while (reason := stop_reason(p, self.cfg.trainer, self.last_epoch_seconds)) is None:
+                while (reason := self._stop_reason()) is None:
                     self._raise_if_stop_requested()
-                    # Train on this rank's shard of the epoch (from the saved position on a resume).
+                    # Train on this rank's shard of the epoch (from the saved position on a
+                    # resume), validating and saving every N steps where asked to.
                     ended = self.train_epoch()
                     trained = True
                     if ended == "signal":
                         self._save_interrupted()
                     # Save, validate on rank 0, record, write checkpoints and logs.
                     self.end_epoch(completed=ended == "epoch")
-            log.info("training stopped: %s", reason)
+                log.info("training stopped: %s", reason)
+                # Weights no validation has seen yet (validate_every): validate them.
+                if trained and self._validated_step != p.step:
+                    self._validate(self._row(), self._rank_states(), counts=False)
+                self._clock = None
             # Average the last epochs, write the hyper-parameters.
             if trained:
                 self.finish()
@@ -146,7 +160,9 @@ class Trainer(snapshot.Resumable):
             self.report.close()
 
     def train_epoch(self) -> str:
-        """Train on the rest of the current epoch; say why it ended: epoch, max_steps or signal."""
+        """Train on the rest of the current epoch, validating and saving every
+        `trainer.validate_every` / `save_every` steps if set; say why it ended: epoch, signal, or
+        a stopping rule (`_stop_in_epoch`)."""
         p, tc = self.progress, self.cfg.trainer
         self.sampler.set_epoch(p.epoch + 1)
         batches = list(self.sampler.iter_from(p.batches_in_epoch))  # all of them but on a resume
@@ -157,8 +173,6 @@ class Trainer(snapshot.Resumable):
             len(self.sampler), p.batches_in_epoch, p.epoch + 1, tc.progress and self.info.is_main
         )
         self.step.train_model.train()
-        started = self._train_started = time.perf_counter()
-        ended = "epoch"
         with bar:
             for group in chunks(batches, tc.accumulate):
                 self.train_step([collate([self.train_set[i] for i in ids]) for ids in group])
@@ -167,14 +181,11 @@ class Trainer(snapshot.Resumable):
                 if p.step % tc.log_every == 0:
                     self._log_train_point(bar)
                 if self._stop_requested():
-                    ended = "signal"
-                    break
-                if tc.max_steps is not None and p.step >= tc.max_steps:
-                    ended = "max_steps"
-                    break
-        p.train_seconds += time.perf_counter() - started
-        self._train_started = None
-        return ended
+                    return "signal"
+                self._validate_or_save_if_due()
+                if (reason := self._stop_in_epoch()) is not None:
+                    return reason
+        return "epoch"
 
     def train_step(self, batches: Sequence[Batch]) -> None:
         """One optimizer step on `batches` at the schedule's learning rate."""
@@ -188,12 +199,59 @@ class Trainer(snapshot.Resumable):
         self.window.add(step_loss, tokens)
         self.epoch_meter.add(step_loss, tokens)
 
+    def _validate_or_save_if_due(self) -> None:
+        """Every `trainer.validate_every` steps validate (which saves too), every `save_every`
+        steps save last.pt. The time they take is left out of the training speed."""
+        p, tc = self.progress, self.cfg.trainer
+        validate = _due(p.step, tc.validate_every) and self._validated_step != p.step
+        save = _due(p.step, tc.save_every) and self.checkpoints.saved_step != p.step
+        if not (validate or save):
+            return
+        started = time.perf_counter()
+        if validate:
+            self._validate(self._row(), self._rank_states())
+        else:
+            self._save_progress()
+        paused = time.perf_counter() - started
+        self.window.leave_out(paused)
+        self.epoch_meter.leave_out(paused)
+
     def _budget_used(self, step: int) -> float:
-        seconds = self.progress.train_seconds
-        if self._train_started is not None:
-            seconds += time.perf_counter() - self._train_started
         steps_per_epoch = math.ceil(len(self.sampler) / self.cfg.trainer.accumulate)
-        return budget_used(step, seconds, self.cfg.trainer, steps_per_epoch)
+        return budget_used(step, self._train_seconds(), self.cfg.trainer, steps_per_epoch)
+
+    def _train_seconds(self) -> float:
+        """Seconds of training and validation over all sessions, up to now."""
+        running = time.perf_counter() - self._clock if self._clock is not None else 0.0
+        return self.progress.train_seconds + running
+
+    def _count_time(self) -> None:
+        """Move the seconds since the last count into `progress.train_seconds` (before a save)."""
+        if self._clock is not None:
+            now = time.perf_counter()
+            self.progress.train_seconds += now - self._clock
+            self._clock = now
+
+    def _stop_reason(self) -> str | None:
+        """`stop_reason` by rank 0's clock, the same on every rank."""
+        self._count_time()
+        reason = stop_reason(self.progress, self.cfg.trainer, self.last_epoch_seconds)
+        return dist.broadcast_object(reason, self.info)
+
+    def _stop_in_epoch(self) -> str | None:
+        """Why to stop before the epoch's next step (max_steps, patience after a validation every
+        N steps, max_time with validate_every or save_every), or None. Rank 0's clock decides
+        the time for every rank."""
+        p, tc = self.progress, self.cfg.trainer
+        if tc.max_steps is not None and p.step >= tc.max_steps:
+            return "max_steps"
+        if tc.patience and p.bad_validations >= tc.patience:
+            return "patience"
+        if tc.max_time is not None and tc.by_steps:
+            spent = self.info.is_main and out_of_time(self._train_seconds(), tc)
+            if dist.any_rank(spent, self.info):
+                return "max_time"
+        return None
 
     def _log_train_point(self, bar: tqdm) -> None:
         """Sync once: train loss, lr, gradient norm and speed since the last point."""
@@ -223,66 +281,85 @@ class Trainer(snapshot.Resumable):
             raise diverged(bad_step, self.checkpoints.last_saved, self.checkpoints.saved_step)
 
     # ------------------------------------------------------------------------------------------
-    # End of an epoch
+    # Validation and saving: at epoch ends, every N steps, at the end of the run
 
     def end_epoch(self, completed: bool) -> None:
         """Save the epoch's training, then validate, record the metric, write checkpoints and logs.
 
         A completed epoch is in last.pt before validation starts, marked as not yet validated
         (`pending_row`): if validation crashes or the process dies, the resume validates that
-        epoch first instead of training it again.
+        epoch first instead of training it again. With `trainer.validate_every` an epoch end only
+        writes last.pt and epoch_<n>.pt; a run stopped in an epoch is validated by `fit` last.
         """
         p = self.progress
-        started = time.perf_counter()
-        self._check_finite()
-        train_loss, train_tokens = self._reduce(self.epoch_meter)
-        train_seconds = max(started - self.epoch_meter.started, 1e-9)
         if completed:
             p.epoch += 1
             p.batches_in_epoch = 0
-        row = {
-            "epoch": p.epoch if completed else p.epoch + 1,
+        if self.cfg.trainer.validate_every is not None:
+            if completed:
+                self._save_progress(epoch_file=True)
+            return
+        row = self._row()
+        rank_states = self._rank_states()
+        if completed:
+            self._count_time()
+            dist.run_on_main(self.info, lambda: self.save(rank_states, pending_row=row))
+        self._validate(row, rank_states, epoch_done=completed, counts=completed)
+
+    def _row(self) -> dict:
+        """The training half of a metrics row now: the epoch it belongs to, the step, the train
+        loss and speed over the epoch so far."""
+        p = self.progress
+        train_seconds = max(time.perf_counter() - self.epoch_meter.started, 1e-9)
+        self._check_finite()
+        train_loss, train_tokens = self._reduce(self.epoch_meter)
+        return {
+            "epoch": p.current_epoch,
             "step": p.step,
             "train_loss": train_loss,
             "tokens_per_s": train_tokens / train_seconds if train_tokens else 0.0,
         }
-        rank_states = self._rank_states()
-        if completed:
-            dist.run_on_main(self.info, lambda: self.save(rank_states, pending_row=row))
-        p.train_seconds += time.perf_counter() - started
-        self._validate_epoch(row, completed, rank_states)
 
-    def _validate_epoch(self, row: dict, completed: bool, rank_states: list[dict]) -> None:
-        """Validate the epoch `row` describes, then write its checkpoints and its log row."""
+    def _validate(
+        self, row: dict, rank_states: list[dict], epoch_done: bool = False, counts: bool = True
+    ) -> None:
+        """Validate on rank 0 and record the metric, then write the checkpoints (epoch_<n>.pt if
+        `epoch_done`, best.pt if the metric improved) and the log row that `row` begins.
+
+        `counts`: a regular validation (each epoch, or every `trainer.validate_every` steps),
+        which early stopping and the plateau schedule count; one made because the run stopped in
+        between only updates the best metric.
+        """
         p = self.progress
-        started = time.perf_counter()
         validation = dist.run_on_main(self.info, self.validate)
         self.metrics = dist.broadcast_object(validation and validation.metrics, self.info)
-        improved = self._record(self.metrics, completed)
-        p.train_seconds += time.perf_counter() - started
+        improved = self._record(self.metrics, counts)
+        self._validated_step = p.step
         row = {
             **row,
             **self.metrics,
             "lr": self.schedule.lr(p.step + 1, self._budget_used(p.step + 1)),
             "epoch_seconds": time.perf_counter() - self.epoch_meter.started,
         }
-        if completed and row["tokens_per_s"]:
+        if epoch_done and row["tokens_per_s"]:
             self.last_epoch_seconds = row["epoch_seconds"]
+        self._count_time()
         dist.run_on_main(
-            self.info, lambda: self._write_epoch(row, validation, rank_states, completed, improved)
+            self.info,
+            lambda: self._write_validation(row, validation, rank_states, epoch_done, improved),
         )
         self._saved(self.paths.last)
 
-    def _write_epoch(self, row, validation, rank_states, completed: bool, best: bool) -> None:
-        """Rank 0: the epoch's checkpoints (the epoch copy if `completed`), then its logs."""
-        self.save(rank_states, epoch_file=completed, best=best)
-        self.report.epoch(row, validation, self.model)
+    def _write_validation(self, row, validation, rank_states, epoch_done: bool, best: bool) -> None:
+        """Rank 0: the checkpoints (the epoch copy if `epoch_done`), then the logs."""
+        self.save(rank_states, epoch_file=epoch_done, best=best)
+        self.report.validation(row, validation, self.model, epoch_done)
 
-    def _record(self, metrics: dict[str, float], completed: bool) -> bool:
+    def _record(self, metrics: dict[str, float], counts: bool) -> bool:
         """Best metric, early-stopping count and plateau schedule; True if the metric improved."""
         monitor = self.cfg.trainer.monitor
-        improved = record_metric(self.progress, metrics[monitor], monitor, completed)
-        if completed and self.schedule.epoch_end(metrics[monitor]):
+        improved = record_metric(self.progress, metrics[monitor], monitor, counts)
+        if counts and self.schedule.record(metrics[monitor]):
             log.info("%s stalled: learning rate lowered to %.3g", monitor, self.schedule.level)
         return improved
 
@@ -290,12 +367,19 @@ class Trainer(snapshot.Resumable):
         """Loss, perplexity and BLEU of `model` (default: the one training) on the val split."""
         return self.validator(self.model if model is None else model)
 
-    def _save_interrupted(self) -> None:
-        """Write last.pt in the middle of an epoch (after a signal) and raise TrainingInterrupted."""
+    def _save_progress(self, epoch_file: bool = False) -> None:
+        """Write last.pt (and the epoch's copy if `epoch_file`) without validating. In the middle
+        of an epoch it holds the batch position and every rank's random state: a resume continues
+        exactly."""
         self._check_finite()
         rank_states = self._rank_states()
-        dist.run_on_main(self.info, lambda: self.save(rank_states))
+        self._count_time()
+        dist.run_on_main(self.info, lambda: self.save(rank_states, epoch_file=epoch_file))
         self._saved(self.paths.last)
+
+    def _save_interrupted(self) -> None:
+        """Write last.pt in the middle of an epoch (after a signal) and raise TrainingInterrupted."""
+        self._save_progress()
         raise self._interrupted()
 
     def _interrupted(self) -> Exception:  # the signal may have reached another rank only
@@ -338,3 +422,8 @@ class Trainer(snapshot.Resumable):
         if metrics is not None:
             self.report.scalars("averaged", metrics, self.progress.step)
         return metrics
+
+
+def _due(step: int, every: int | None) -> bool:
+    """Whether step `step` is one of every `every` steps (never when `every` is None)."""
+    return every is not None and step % every == 0

@@ -1,4 +1,4 @@
-"""Write a large synthetic parallel corpus built from Multi30k's lines, to measure the data path at scale.
+"""A large synthetic parallel corpus from Multi30k's lines, to measure the data path at scale.
 
     python scripts/make_corpus.py --pairs 1000000 --out corpora/1M --seed 0
     python scripts/make_corpus.py --pairs 5M --out corpora/5M --multi30k data/multi30k
@@ -13,12 +13,13 @@ Writes, for the two languages of `--langs` (default de,en):
 
 The text is synthetic: its sentences repeat, so a model trained on it learns nothing that Multi30k
 does not teach. It exists to measure time and memory (preparation, loading, batching, training)
-at the sizes of real corpora, not translation quality. Its lines are about 1.5 Multi30k pairs
-long, which is close to the sentence lengths of WMT news text.
+at the sizes of real corpora, not translation quality. A line holds 1.5 Multi30k sentences on
+average, so its lengths spread wider than Multi30k's.
 
-The output is streamed in chunks: memory does not depend on --pairs (about 150 MB; 5M pairs
-take some ten seconds). The same --pairs, --seed and Multi30k files give the same bytes. --multi30k is where
-the gzip files of Multi30k's task 1 are (`mt-prepare` downloads them to data/multi30k).
+The output is streamed in chunks of lines: memory does not depend on --pairs (about 150 MB; 5M
+pairs take some ten seconds). The same --pairs, --seed and Multi30k files give the same bytes.
+--multi30k is where the gzip files of Multi30k's task 1 are (`mt-prepare` downloads them to
+data/multi30k).
 """
 
 from __future__ import annotations

@@ -73,13 +73,13 @@ FULL = {
     "val_lines": 100,
     "test_lines": None,  # all of test_2016_flickr
 }
-# A check that the script works, in a few minutes: small corpus, short runs, 50 val / 100 test lines.
+# A check that the script works: a small corpus and short runs, whose figures measure little.
 QUICK = FULL | {
     "sizes": "20k",
-    "train_steps": 10,
+    "train_steps": 5,
     "eval_decode": "greedy",
-    "val_lines": 50,
-    "test_lines": 100,
+    "val_lines": 20,
+    "test_lines": 50,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +265,8 @@ class TreeSampler(threading.Thread):
 def measure(command: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
     """Run `command` to its end; its wall time, exit status and memory (MiB), as a dict."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"  $ {' '.join(command)}", flush=True)
+    shown = ("<snippet>" if "\n" in arg else arg for arg in command)
+    print(f"  $ {' '.join(shown)}", flush=True)
     with open(log, "w") as out:
         started = time.perf_counter()
         proc = subprocess.Popen(
@@ -301,8 +302,9 @@ def measure(command: list[str], log: Path, env: dict[str, str]) -> dict[str, Any
     }
     if not result["ok"]:
         lines = [line for line in text.splitlines() if line.strip()]
-        result["error"] = "\n".join(lines[-6:])
-        print(f"    failed ({proc.returncode}): {lines[-1] if lines else 'no output'}", flush=True)
+        result["error"] = "\n".join(lines[-8:])
+        result["reason"] = failure_reason(lines)
+        print(f"    failed ({proc.returncode}): {result['reason']}", flush=True)
     else:
         last = text.strip().splitlines()[-1] if text.strip() else ""
         if last.startswith("{"):
@@ -311,6 +313,16 @@ def measure(command: list[str], log: Path, env: dict[str, str]) -> dict[str, Any
             f"    {seconds:.1f} s, tree peak RSS {result['tree_peak_rss_mib']:.0f} MiB", flush=True
         )
     return result
+
+
+def failure_reason(lines: list[str]) -> str:
+    """The line of a failed command's output that says why: Hydra's and Python's last words."""
+    said = [
+        line
+        for line in lines
+        if not line.startswith((" ", "\t", "Set the environment variable HYDRA_FULL_ERROR"))
+    ]
+    return said[-1] if said else "no output"
 
 
 def with_peak_rss(script: str, report: Path, args: list[str]) -> list[str]:
@@ -659,9 +671,9 @@ def markdown(results: dict[str, Any]) -> str:
         limit_rate = limits.get("tokenize_pairs_per_s")
         for workers, p in row["prepare"].items():
             if not p["ok"]:
-                reason = p.get("error", "").splitlines()[-1:] or ["failed"]
+                reason = p.get("reason", "").replace("|", "/")[:90]
                 lines.append(
-                    f"| {row['pairs']:,} | {row['vocab']} | {workers} | failed: {reason[0][:90]} "
+                    f"| {row['pairs']:,} | {row['vocab']} | {workers} | failed: {reason} "
                     "| | | | | | |"
                 )
                 continue
@@ -672,6 +684,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {p['tree_peak_rss_mib']:,.0f} | {p['tree_peak_pss_mib']:,.0f} "
                 f"| {_fmt(p.get('main_peak_mib'))} | {_fmt(p.get('cache_mb'), 1)} | {_fmt(share)} |"
             )
+    notes = {p["note"] for row in results["rows"] for p in row["prepare"].values() if "note" in p}
+    lines += ["", *(f"Note: {note}." for note in sorted(notes))] if notes else []
     lines += [
         "",
         f"**Using the cache** (load: `load_prepared` + `len(split('train'))`; batches: one epoch "

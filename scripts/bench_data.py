@@ -1,41 +1,46 @@
 """Time and memory of the data path against corpus size: preparation, loading, batching, training.
 
-    python scripts/bench_data.py --multi30k data/multi30k --sizes 0.1M,1M,5M --vocabs word,bpe \\
-        --out docs/data_scale.json --plot docs/data_scale.png
-    python scripts/bench_data.py --multi30k data/multi30k --quick      # 20k pairs: checks the script
+    python scripts/bench_data.py --multi30k data/multi30k --sizes multi30k,0.1M,1M,5M \\
+        --vocabs word,bpe --nproc 2 --out docs/data_scale.json --plot docs/data_scale.png
+    python scripts/bench_data.py --multi30k data/multi30k --quick    # 20k pairs: checks the script
     python scripts/bench_data.py --report docs/data_scale.json --plot docs/data_scale.png  # redraw
 
-For each size a synthetic corpus is written by scripts/make_corpus.py (Multi30k lines, one or two
-pairs per line: it measures time and memory, not quality), and for each vocabulary
+For each size a corpus is written by scripts/make_corpus.py into --work: `20k`, `0.1M`, `5M` are
+synthetic (Multi30k lines, one or two pairs per line: they measure time and memory, not quality);
+`multi30k` is Multi30k's own training set, the baseline that larger corpora are compared with.
+For each vocabulary (both share one vocabulary, as experiment=cpu's shared embeddings need)
 
     word   data.vocab=word data.shared_vocab=true
     bpe    joint BPE as experiment=cpu: data.vocab=bpe data.vocab_size=8000 data.shared_vocab=true
 
-the benchmark measures, each command in a subprocess of its own:
+the benchmark measures, each command in a subprocess of its own run with this checkout's src/:
 
-    prepare      `mt-prepare data=custom ... data.workers=W` for each W of --workers, each on a fresh
-                 data.root: wall time, pairs/s, the peak of the summed RSS (and PSS) of the whole
+    prepare      `mt-prepare data=custom ... data.workers=W` for each W of --workers, each on a
+                 fresh data.root: wall time, pairs/s, the peak of the summed RSS (and PSS) of the whole
                  process tree (workers are child processes; sampled from /proc every 0.2 s) and the
-                 main process's own VmHWM
+                 main process's own VmHWM. Code without `data.workers` prepares W=1 without the
+                 key and fails W>1 with Hydra's error, recorded as such.
     cache        its size on disk
     load         `load_prepared(cfg)` and `len(data.split("train"))`: seconds and peak RSS (VmHWM)
     batches      one epoch of `TokenBucketSampler` batches over the train split's lengths: seconds
-    train        `mt-train experiment=cpu trainer.max_steps=100` on that cache: seconds and peak RSS,
-                 anonymous and file-backed (RssAnon / RssFile, Pss_Anon / Pss_File of smaps_rollup:
-                 pages of a mapped cache count in RSS but are shared and reclaimable)
-    evaluate     `mt-evaluate split=test` of that run's checkpoint against the same cache
+    train        `mt-train experiment=cpu trainer.max_steps=100` on that cache: seconds, peak RSS,
+                 and its anonymous and file-backed parts (RssAnon / RssFile; Pss_Anon / Pss_File of
+                 smaps_rollup: pages of a mapped cache count in RSS but are shared and reclaimable)
+    evaluate     `mt-evaluate split=test decode=beam` of that run's checkpoint against the cache
     torchrun     with --nproc 2: the same training under `torchrun --nproc_per_node=2`, per rank
 
 and once per size the limits of one core: spaCy's tokenizer alone over the training lines
 (`Tokenizer(lang).pipe`, both sides), and SentencePiece encoding alone of those tokens with the
-cache's model (bpe only). The training and evaluation runs validate on the first --val-lines
-lines of Multi30k's validation set, so that validation does not dominate a 100-step run; that
-file is part of every prepared cache's key.
+bpe cache's model. Training validates on the first --val-lines lines of Multi30k's validation
+set (and evaluation reads the first --test-lines of test_2016_flickr, default all), so that
+decoding with a barely trained model does not dominate the runs; these files are part of every
+prepared cache's key. --quick shortens everything to check that the script works.
 
 Results go to --out (JSON: the figures, the commit, date, CPU and core count) and a Markdown table
 beside it (.md), printed at the end; --plot draws time and memory against corpus size. Run it on
-an otherwise idle machine: every figure is wall time or resident memory. A command that fails
-(e.g. `data.workers` on code that does not have it) is recorded with its error and the rest goes on.
+an otherwise idle machine: every figure is wall time or resident memory. A command that fails is
+recorded with its error and the rest goes on. Corpora and caches in --work are removed size by
+size unless --keep.
 """
 
 from __future__ import annotations
@@ -132,9 +137,12 @@ settings = json.loads(sys.argv[1])
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
 from transformer_mt.data.tokenize import Tokenizer
 sp = None
-if settings["subword_model"]:
+if settings["cache"]:  # the prepared cache's SentencePiece model (joint: both sides)
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=settings["subword_model"])
+    from transformer_mt.config import DataConfig, to_dataclass
+    from transformer_mt.data.dataset import load_prepared
+    model = load_prepared(to_dataclass(DataConfig, settings["cache"])).src_subword.to_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=model)
 tokenize_seconds = encode_seconds = 0.0
 lines = tokens = pieces = 0
 for path, lang in zip(settings["files"], settings["langs"]):
@@ -142,7 +150,8 @@ for path, lang in zip(settings["files"], settings["langs"]):
     with open(path, encoding="utf-8") as handle:
         counted = 0
         while settings["max_lines"] is None or counted < settings["max_lines"]:
-            want = 10_000 if settings["max_lines"] is None else min(10_000, settings["max_lines"] - counted)
+            left = settings["max_lines"]
+            want = 10_000 if left is None else min(10_000, left - counted)
             chunk = [line.rstrip("\n") for line in itertools.islice(handle, want)]
             if not chunk:
                 break
@@ -326,7 +335,7 @@ def failure_reason(lines: list[str]) -> str:
 
 
 def with_peak_rss(script: str, report: Path, args: list[str]) -> list[str]:
-    """`python peak_rss.py REPORT scripts/<script> ARGS`: the main process's VmHWM lands in REPORT."""
+    """`python peak_rss.py REPORT scripts/<script> ARGS`: the script's VmHWM lands in REPORT."""
     return [sys.executable, str(PEAK_RSS), str(report), str(SCRIPTS / script), *args]
 
 
@@ -417,7 +426,7 @@ class Bench:
         ]
 
     def data_settings(self, folder: Path, vocab: str, root: Path) -> dict[str, Any]:
-        """The same settings as `data_overrides`, as the mapping `to_dataclass(DataConfig, ...)` takes."""
+        """The settings of `data_overrides` as the mapping `to_dataclass(DataConfig, ...)` takes."""
         settings: dict[str, Any] = {"name": "custom", "max_tokens": 2048, "root": str(root)}
         for item in self.data_overrides(folder, vocab, root)[1:]:
             key, _, value = item.removeprefix("data.").partition("=")
@@ -511,25 +520,18 @@ class Bench:
         result["main_peak_mib"] = read_peak(report)
         return result
 
-    def limits(self, label: str, folder: Path, subword_root: Path | None) -> dict[str, Any]:
+    def limits(self, label: str, folder: Path, cache: dict[str, Any] | None) -> dict[str, Any]:
+        """One core's tokenizer, and SentencePiece with the model of `cache` (data settings)."""
         langs = self.args.langs.split(",")
-        model = None
-        if subword_root is not None:
-            model = next(iter(sorted((subword_root / "cache").glob("*/src_subword.model"))), None)
         settings = {
             "files": [str(folder / f"train.{lang}") for lang in langs],
             "langs": langs,
             "lowercase": False,
-            "subword_model": str(model) if model else None,
+            "cache": cache,
             "max_lines": self.args.limit_lines,
         }
         command = [sys.executable, "-c", LIMITS_SNIPPET, json.dumps(settings)]
-        result = measure(command, self.work / "logs" / f"limits-{label}.log", self.env)
-        if subword_root is not None and model is None:
-            result["note"] = (
-                "no src_subword.model in the bpe cache: SentencePiece limit not measured"
-            )
-        return result
+        return measure(command, self.work / "logs" / f"limits-{label}.log", self.env)
 
     def one(self, label: str, folder: Path, pairs: int, vocab: str) -> dict[str, Any]:
         print(f"{label} pairs, vocab {vocab}", flush=True)
@@ -561,15 +563,15 @@ class Bench:
         for label, pairs in map(parse_size, self.args.sizes):
             folder, info = self.corpus(label, pairs)
             results["corpora"][label] = info
-            subword_root = None
+            subword_cache = None
             for vocab in self.args.vocabs:
                 row = self.one(label, folder, info["pairs"], vocab)
                 results["rows"].append(row)
-                if vocab != "word" and row.get("cache_root") and subword_root is None:
-                    subword_root = Path(row["cache_root"])
+                if vocab != "word" and row.get("cache_root") and subword_cache is None:
+                    subword_cache = self.data_settings(folder, vocab, Path(row["cache_root"]))
                 write_json(self.args.out, results)
             print(f"{label} pairs: limits of one core", flush=True)
-            info["limits"] = self.limits(label, folder, subword_root)
+            info["limits"] = self.limits(label, folder, subword_cache)
             write_json(self.args.out, results)
             if not self.args.keep:
                 for row in results["rows"]:

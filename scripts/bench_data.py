@@ -768,10 +768,9 @@ def _plot_series(
         x = row["pairs"]
         for workers, p in row["prepare"].items():
             if p["ok"]:
-                times.setdefault(f"prepare, {workers} workers", []).append((x, p["seconds"]))
-                memory.setdefault(f"prepare, {workers} workers (tree)", []).append(
-                    (x, p["tree_peak_rss_mib"])
-                )
+                name = f"prepare, {workers} worker{'s' * (workers != '1')}"
+                times.setdefault(name, []).append((x, p["seconds"]))
+                memory.setdefault(f"{name} (tree)", []).append((x, p["tree_peak_rss_mib"]))
         load = (_ok(row.get("load")) or {}).get("output")
         if load:
             times.setdefault("load", []).append((x, load["load_seconds"]))
@@ -780,29 +779,45 @@ def _plot_series(
         for key in ("train", "evaluate"):
             result = _ok(row.get(key))
             if result:
-                label = f"train {settings['train_steps']} steps" if key == "train" else key
-                times.setdefault(label, []).append((x, result["seconds"]))
+                name = f"train {settings['train_steps']} steps" if key == "train" else key
+                times.setdefault(name, []).append((x, result["seconds"]))
                 if result.get("main_peak_mib"):
-                    memory.setdefault(key, []).append((x, result["main_peak_mib"]))
+                    memory.setdefault(name, []).append((x, result["main_peak_mib"]))
+        ranks = (_ok(row.get("torchrun")) or {}).get("ranks")
+        if ranks:
+            peak = max(rank.get("VmHWM", 0) for rank in ranks)
+            memory.setdefault(f"torchrun x{len(ranks)}, largest rank", []).append((x, peak))
     return times, memory
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """Seconds and peak RSS against pairs, log-log: one colour per measure, one style per vocab."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"word": "--", "bpe": "-"}
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
+    styles = {"word": ("--", "s"), "bpe": ("-", "o")}
+    colours: dict[str, Any] = {}
+    palette = plt.get_cmap("tab10").colors
     for vocab in dict.fromkeys(row["vocab"] for row in results["rows"]):
         rows = sorted((r for r in results["rows"] if r["vocab"] == vocab), key=lambda r: r["pairs"])
+        line, marker = styles.get(vocab, (":", "^"))
         times, memory = _plot_series(rows, results["settings"])
         for ax, series in ((time_ax, times), (mem_ax, memory)):
             for name, points in series.items():
-                if points:
-                    xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, styles.get(vocab, ":"), marker="o", label=f"{name} ({vocab})")
+                colour = colours.setdefault(name, palette[len(colours) % len(palette)])
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, line, marker=marker, color=colour, label=f"{name} ({vocab})")
+    limits = sorted(
+        (info["pairs"], out["tokenize_seconds"])
+        for info in results["corpora"].values()
+        if (out := (_ok(info.get("limits")) or {}).get("output"))
+    )
+    if limits:
+        xs, ys = zip(*limits, strict=True)
+        time_ax.plot(xs, ys, ":", color="black", marker="x", label="spaCy tokenizer alone, 1 core")
     for ax, ylabel in ((time_ax, "seconds"), (mem_ax, "peak RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -812,7 +827,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     m = results["machine"]
     fig.suptitle(
-        f"Data path against corpus size — {m['commit']}, {m['cores']} cores, {m['cpu']}", fontsize=9
+        f"Data path against corpus size — {m['commit']}, {m['date'][:10]}, {m['cores']} cores, "
+        f"{m['cpu']}",
+        fontsize=9,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,9 +123,9 @@ def main() -> None:
     langs = tuple(args.langs.split(","))
     if len(langs) != 2 or langs[0] == langs[1]:
         parser.error(f"--langs needs two different languages (got {args.langs!r})")
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     src, tgt = read_multi30k(args.multi30k, "train", langs)
+    args.out.mkdir(parents=True, exist_ok=True)
     chunks = [(src, tgt)] if args.verbatim else synthetic_chunks(src, tgt, args.pairs, args.seed)
     count = write_split(args.out, "train", langs, chunks)
     for name, split in COPIED_SPLITS.items():

@@ -60,12 +60,13 @@ KEY_SETTINGS = (
     "max_size",
     "shared_vocab",
     "max_len",
+    "subword_sample",
 )
 CUSTOM_WORD_CAP = (
     50_000  # a custom corpus's word vocabulary, specials included, unless data.max_size
 )
 WORD_ONLY = ("min_freq", "max_size")  # settings that subword vocabularies ignore, and vice versa
-SUBWORD_ONLY = ("vocab_size",)
+SUBWORD_ONLY = ("vocab_size", "subword_sample")
 
 
 class Sentences(Sequence):

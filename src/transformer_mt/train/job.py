@@ -1,8 +1,9 @@
 """`train(cfg)`: set up one training job and run it.
 
-Under `torchrun` every process runs this: rank 0 alone opens the run folders, writes the config
-and prepares the data cache (the others wait, then load it); each process then trains on its own
-shard of every epoch (train/trainer.py).
+Under `torchrun` every process runs this: rank 0 alone opens the run folders and writes the
+config; the first process of each machine prepares the data cache when it is missing (the others
+wait for it on disk, then map the same files); each process then trains on its own shard of every
+epoch (train/trainer.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from transformer_mt.config import TrainConfig
-from transformer_mt.data.dataset import load_or_prepare
+from transformer_mt.data.cache import PreparedData
+from transformer_mt.data.dataset import load_or_prepare, wait_for_prepared
 from transformer_mt.errors import ConfigError
 from transformer_mt.train import distributed as dist
 from transformer_mt.train.finetune import InitCheckpoint
@@ -62,9 +64,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         # The checks: folders, data, validation split, the checkpoint to continue or start from.
         dist.run_on_main(info, lambda: _check_may_start(paths, cfg.trainer.resume))
         vocabs = init.vocabs if init is not None else None
-        data = dist.run_on_main(info, lambda: load_or_prepare(cfg.data, vocabs))
-        if data is None:  # the other ranks load the cache rank 0 has just prepared
-            data = load_or_prepare(cfg.data, vocabs)
+        data = _load_data(cfg, vocabs, info)
         trainer = Trainer(cfg, data, paths, info, device)
         _check_validation_split(trainer, cfg)
         resumed = None
@@ -91,6 +91,16 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         except TrainingInterrupted as stop:
             log.warning("%s", stop)  # while train.log is still open
             raise
+
+
+def _load_data(cfg: TrainConfig, vocabs, info: dist.DistInfo) -> PreparedData:
+    """The first process of each machine prepares the data when it is not prepared yet; the
+    others wait for its manifest on disk (`data.prepare_wait` minutes), never in a collective,
+    then map the same files. A failure on the first process ends the job (torchrun stops every
+    process when one fails)."""
+    if info.local_rank == 0:
+        return load_or_prepare(cfg.data, vocabs)
+    return wait_for_prepared(cfg.data, vocabs)
 
 
 def _check_may_start(paths: RunPaths, resume: bool) -> None:

@@ -116,7 +116,7 @@ def test_ddp_ranks_get_equal_shares_of_one_global_batch_list():
     single.set_epoch(2)
     shards = [list(s) for s in ranks]
     assert len({len(shard) for shard in shards}) == 1 == len({len(s) for s in ranks})
-    global_batches = single.batches()
+    global_batches = [batch.tolist() for batch in single.batches()]
     interleaved = [shards[step % 3][step // 3] for step in range(3 * len(shards[0]))]
     assert interleaved[: len(global_batches)] == global_batches
     assert set(map(tuple, interleaved[len(global_batches) :])) <= set(map(tuple, global_batches))
@@ -153,7 +153,7 @@ def test_collated_batches_cover_the_split_within_the_budget():
 def test_every_epoch_has_the_padding_of_the_unshuffled_batches():
     src, tgt = _lengths(2000)
     sampler = TokenBucketSampler(src, tgt, max_tokens=500, seed=2)
-    unshuffled = token_batches(src, tgt, max_tokens=500)
+    unshuffled = [batch.tolist() for batch in token_batches(src, tgt, max_tokens=500)]
     assert list(TokenBucketSampler(src, tgt, max_tokens=500, shuffle=False)) == unshuffled
     for epoch in range(3):
         sampler.set_epoch(epoch)

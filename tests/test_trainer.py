@@ -64,8 +64,8 @@ def test_misspelt_key_fails_naming_it(corpus, tmp_path, monkeypatch, capsys):
     code, err = run_train(
         args_for(corpus, tmp_path, "bad", "trainer.max_epoch=3"), monkeypatch, capsys
     )
-    assert code == 1  # Hydra's own refusal and status, before our code runs
-    assert "max_epoch" in err
+    assert code == 2  # Hydra's refusal, before our code runs, as one line
+    assert "max_epoch" in user_error_line(err)
     assert not (tmp_path / "saved").exists()
 
 

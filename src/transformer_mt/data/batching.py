@@ -104,8 +104,9 @@ class TokenBucketSampler(Sampler[list[int]]):
     Each epoch (`set_epoch`): examples are sorted by source then target length, ties in a fresh
     random order; consecutive examples fill a batch while `len(batch) * longest` fits the budget
     (one sentence longer than the budget gets a batch of its own; see buckets.py); the batch order
-    is shuffled. A batch is an array of indices (a view of the epoch's order): memory follows the
-    number of batches, with no Python object per sentence.
+    is shuffled. `batches()` gives an epoch's batches as arrays of indices (views of the epoch's
+    order: memory follows the number of batches, with no Python object per sentence); iterating
+    gives one batch at a time as a list.
     With `num_replicas > 1` the global batch list is padded by repeating its first batches so that
     every rank gets the same number, and rank r takes batches r, r + R, r + 2R, ... All randomness
     comes from a torch.Generator seeded with (seed, epoch): the same seed and epoch give the same
@@ -167,7 +168,8 @@ class TokenBucketSampler(Sampler[list[int]]):
 
     def iter_from(self, batch_index: int) -> Iterator[list[int]]:
         """This rank's batches of the current epoch, skipping the first `batch_index`."""
-        yield from self.batches()[batch_index:]
+        for batch in self.batches()[batch_index:]:
+            yield batch.tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         return self.iter_from(0)

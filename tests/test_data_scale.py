@@ -264,3 +264,31 @@ def test_a_damaged_gzip_file_is_a_one_line_error_naming_it(tmp_path):
             for _ in line_chunks(path, chunk_lines=1000):
                 pass
         assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+
+
+def test_loading_reuses_the_corpus_checksums_until_a_file_changes(
+    multi30k_mirror, tmp_path, monkeypatch
+):
+    paths = _custom_corpus(multi30k_mirror, tmp_path / "corpus", pairs=300)
+    cfg = _config(paths, tmp_path / "data", workers=1)
+    prepared = prepare(cfg)
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path} again")
+
+    monkeypatch.setattr("transformer_mt.data.corpus.sha256_file", no_hashing)
+    assert load_prepared(cfg).path == prepared
+    monkeypatch.undo()
+    train_src = Path(paths["train"][0])
+    with open(train_src, "a", encoding="utf-8") as handle:
+        handle.write("Ein neuer Satz.\n")
+    with open(paths["train"][1], "a", encoding="utf-8") as handle:
+        handle.write("A new sentence.\n")
+    with pytest.raises(DataError, match="no prepared data"):
+        load_prepared(cfg)  # a changed file is hashed again: another key
+    assert prepare(cfg) != prepared
+    assert len(load_prepared(cfg).split("train")) == 301

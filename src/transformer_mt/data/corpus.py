@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import http.client
 import itertools
+import json
 import logging
 import os
 import urllib.error
@@ -162,7 +163,8 @@ def corpus_files(
     for split in names:
         check_split(cfg, split)
     if cfg.name == "custom":
-        return {split: _custom_files(cfg, split) for split in names}
+        known = _known_checksums(cfg)
+        return {split: _custom_files(cfg, split, known) for split in names}
     source = resolve_mirror(cfg)
     folder = multi30k_dir(cfg)
     found: dict[str, SplitFiles] = {}
@@ -278,7 +280,55 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _custom_files(cfg: DataConfig, split: str) -> SplitFiles:
+# Checksums of custom corpus files, remembered by the preparation: hashing a 1 GB corpus takes
+# seconds, and every load computes the cache's key from them. A file whose size, modification
+# time (ns) and inode are unchanged keeps its sum, as `make` and rsync assume.
+CHECKSUMS_FILE = "checksums.json"
+
+
+def _checksums_path(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / "cache" / CHECKSUMS_FILE
+
+
+def _file_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+
+
+def _known_checksums(cfg: DataConfig) -> dict[str, dict[str, str]]:
+    try:
+        known = json.loads(_checksums_path(cfg).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _checksum(path: Path, known: dict[str, dict[str, str]]) -> str:
+    entry = known.get(str(path.resolve()))
+    if isinstance(entry, dict) and entry.get("stamp") == _file_stamp(path):
+        return str(entry.get("sha256"))
+    return sha256_file(path)
+
+
+def remember_checksums(cfg: DataConfig, files: dict[str, SplitFiles]) -> None:
+    """Record the sums of a custom corpus's files once its cache is prepared (best effort)."""
+    if cfg.name != "custom":
+        return
+    known = _known_checksums(cfg)
+    for pair in files.values():
+        for path, digest in ((pair.src, pair.src_sha256), (pair.tgt, pair.tgt_sha256)):
+            known[str(path.resolve())] = {"stamp": _file_stamp(path), "sha256": digest}
+    try:
+        with atomic_file(_checksums_path(cfg)) as out:
+            json.dump(known, out)
+    except OSError as err:
+        log.warning("could not record the corpus checksums in %s: %s", _checksums_path(cfg), err)
+
+
+def _custom_files(
+    cfg: DataConfig, split: str, known: dict[str, dict[str, str]] | None = None
+) -> SplitFiles:
+    known = {} if known is None else known
     src, tgt = (Path(p).expanduser() for p in _custom_pair(cfg, split))
     for path in (src, tgt):
         if path.is_file():
@@ -292,7 +342,7 @@ def _custom_files(cfg: DataConfig, split: str) -> SplitFiles:
         else:
             problem = "does not exist"
         raise DataError(f"{split} file {path} {problem} (check data.{CUSTOM_SPLITS[split]})")
-    return SplitFiles(src, tgt, sha256_file(src), sha256_file(tgt))
+    return SplitFiles(src, tgt, _checksum(src, known), _checksum(tgt, known))
 
 
 # ---------------------------------------------------------------------------------------------

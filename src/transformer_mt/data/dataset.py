@@ -50,7 +50,12 @@ from transformer_mt.data.cache import (
     word_max_size,
     write_json,
 )
-from transformer_mt.data.corpus import SplitFiles, corpus_files, parallel_chunks
+from transformer_mt.data.corpus import (
+    SplitFiles,
+    corpus_files,
+    parallel_chunks,
+    remember_checksums,
+)
 from transformer_mt.data.subword import Subword
 from transformer_mt.data.tokenize import check_language
 from transformer_mt.data.vocab import Vocab
@@ -138,6 +143,7 @@ def _prepare(
     except OSError:
         if not (target / "manifest.json").is_file():  # not another process winning the race
             raise
+    remember_checksums(cfg, files)
     log.info(
         "prepared %s in %.1f s with %d worker%s",
         target,

@@ -55,10 +55,10 @@ def test_collate_handles_empty_sentences():
 
 
 def test_batch_to_moves_every_tensor_and_keeps_the_count():
-    batch = collate([(0, [4, 5], [6])]).to("cpu", non_blocking=True)
+    batch = collate([(0, [4, 5], [6])]).to("cpu")
     assert isinstance(batch, Batch) and batch.num_tgt_tokens == 2
     if torch.cuda.is_available():
-        moved = batch.pin_memory().to("cuda", non_blocking=True)
+        moved = batch.to("cuda")
         assert moved.src.is_cuda and moved.indices.is_cuda
 
 

@@ -19,10 +19,12 @@ import pytest
 
 from transformer_mt.config import DataConfig
 from transformer_mt.data.buckets import pack, sort_by_length, split_batches, with_specials
-from transformer_mt.data.cache import Sentences, ids_dtype
+from transformer_mt.data.cache import Sentences, ids_dtype, word_max_size
 from transformer_mt.data.corpus import line_chunks, read_lines
 from transformer_mt.data.dataset import load_prepared, prepare, wait_for_prepared
 from transformer_mt.data.subword import Subword
+from transformer_mt.data.tokenize import Tokenizer
+from transformer_mt.data.vocab import Vocab
 from transformer_mt.data.workers import ChunkPool
 from transformer_mt.errors import DataError
 
@@ -129,6 +131,40 @@ def test_two_workers_write_the_same_cache_as_one(multi30k_mirror, tmp_path, voca
     files = _cache_files(one)
     assert files == _cache_files(two)
     assert "train.src.ids.npy" in files and not any(name.startswith(".") for name in files)
+
+
+@pytest.mark.parametrize("vocab", ["word", "bpe"])
+def test_the_cache_holds_the_ids_of_the_plain_pipeline(multi30k_mirror, tmp_path, vocab):
+    """What preparing always meant, written plainly over whole lists (as the cache of format 1 was
+    made): spaCy tokens, a vocabulary (or one SentencePiece model) learnt from every training
+    sentence, ids. The streamed, chunked, worker-run preparation must give the same ids."""
+    paths = _custom_corpus(multi30k_mirror, tmp_path / "corpus", pairs=1500)
+    cfg = _config(paths, tmp_path / "data", vocab=vocab, vocab_size=800, shared_vocab=True)
+    prepare(cfg)
+    data = load_prepared(cfg)
+    src_tok, tgt_tok = Tokenizer("de"), Tokenizer("en")
+    tokens = {
+        split: (list(src_tok.pipe(read_lines(src))), list(tgt_tok.pipe(read_lines(tgt))))
+        for split, (src, tgt) in (("train", paths["train"]), ("val", paths["valid"]))
+    }
+    train_src, train_tgt = tokens["train"]
+    if vocab == "word":
+        vocab_ = Vocab.build(train_src + train_tgt, cfg.min_freq, word_max_size(cfg))
+
+        def ids(sentence: list[str]) -> list[int]:
+            return vocab_.encode(sentence)
+    else:
+        model = Subword.train(train_src + train_tgt, "bpe", 800)
+        vocab_ = model.vocab()
+
+        def ids(sentence: list[str]) -> list[int]:
+            return vocab_.encode(model.segment(sentence))
+
+    assert data.src_vocab == vocab_ == data.tgt_vocab
+    for split, (src, tgt) in tokens.items():
+        prepared = data.split(split)
+        assert prepared.src[:] == [ids(sentence) for sentence in src]
+        assert prepared.tgt[:] == [ids(sentence) for sentence in tgt]
 
 
 def test_subwords_train_on_a_sample_when_the_corpus_is_larger(multi30k_mirror, tmp_path, caplog):

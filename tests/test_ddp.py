@@ -88,3 +88,52 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["ddp", "single"]
     assert "x 2 processes" in (tmp_path / "result" / "ddp" / "train.log").read_text()
     assert not (REPO / "train.log").exists()
+
+
+def _odd_batch_count_limit(corpus) -> tuple[int, int]:
+    """A data.limit_train giving an odd number of batches (rank 1 repeats the first one), and
+    that number."""
+    src = [len(line.split()) for line in corpus["train_src"].read_text().splitlines()]
+    tgt = [len(line.split()) for line in corpus["train_tgt"].read_text().splitlines()]
+    for limit in range(300, 400, 5):
+        batches = TokenBucketSampler(src[:limit], tgt[:limit], MAX_TOKENS).num_global_batches
+        if batches % 2:
+            return limit, batches
+    raise AssertionError("no limit_train in 300..395 gives an odd batch count")
+
+
+def test_an_odd_batch_count_trains_and_resumes_with_another_process_count(tmp_path):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=400, n_val=20)
+    limit, batches = _odd_batch_count_limit(corpus)
+    common = (f"data.limit_train={limit}", f"data.max_tokens={MAX_TOKENS}")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(TRAIN_SCRIPT),
+            *overrides(corpus, tmp_path, "odd", *common, "trainer.max_epochs=2"),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(tmp_path / "result" / "odd")
+    # Each rank takes ceil(batches / 2) steps an epoch: the odd batch out is padded, not dropped.
+    per_rank = (batches + 1) // 2
+    assert [(row["epoch"], int(row["step"])) for row in rows] == [
+        ("1", per_rank),
+        ("2", 2 * per_rank),
+    ]
+    # One process continues the two-process run: its third epoch is every batch, on one rank.
+    with OneThread():
+        resumed = ("trainer.max_epochs=3", "trainer.resume=true")
+        train(compose_config(overrides(corpus, tmp_path, "odd", *common, *resumed)))
+    rows = _rows(tmp_path / "result" / "odd")
+    assert [(row["epoch"], int(row["step"])) for row in rows][2] == ("3", 2 * per_rank + batches)
+    assert float(rows[2]["val_loss"]) < float(rows[0]["val_loss"])

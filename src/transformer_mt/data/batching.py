@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from transformer_mt.data.buckets import pack, sort_by_length, split_batches, with_specials
+from transformer_mt.data.buckets import (
+    index_dtype,
+    pack,
+    sort_by_length,
+    split_batches,
+    with_specials,
+)
 from transformer_mt.data.vocab import BOS, EOS, PAD
 
 if TYPE_CHECKING:
@@ -45,8 +51,8 @@ class Batch:
         """(B, S) bool, True = padding."""
         return self.src == PAD
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+    def to(self, device: torch.device | str) -> Batch:
+        return self._map(lambda t: t.to(device))
 
     def __len__(self) -> int:
         return self.src.shape[0]
@@ -141,7 +147,10 @@ class TokenBucketSampler(Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         # Shuffling only reorders equal lengths and whole batches: every epoch has as many batches.
-        order = sort_by_length(self.src_lengths, self.tgt_lengths, np.arange(len(self.src_lengths)))
+        n = len(self.src_lengths)
+        order = sort_by_length(
+            self.src_lengths, self.tgt_lengths, np.arange(n, dtype=index_dtype(n))
+        )
         self.num_global_batches = (
             len(pack(self.src_lengths, self.tgt_lengths, order, max_tokens)) - 1
         )
@@ -154,7 +163,11 @@ class TokenBucketSampler(Sampler[list[int]]):
         epoch = self.epoch if epoch is None else epoch
         n = len(self.src_lengths)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=generator).numpy() if self.shuffle else np.arange(n)
+        dtype = index_dtype(n)
+        if self.shuffle:
+            order = torch.randperm(n, generator=generator).numpy().astype(dtype)
+        else:
+            order = np.arange(n, dtype=dtype)
         order = sort_by_length(self.src_lengths, self.tgt_lengths, order)
         bounds = pack(self.src_lengths, self.tgt_lengths, order, self.max_tokens)
         picked = np.arange(len(bounds) - 1)

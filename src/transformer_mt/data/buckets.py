@@ -23,8 +23,14 @@ if TYPE_CHECKING:
 
 
 def with_specials(lengths: Sequence[int]) -> np.ndarray:
-    """Token counts as the batch tensors hold them: one special added per sentence."""
-    return np.asarray(lengths, dtype=np.int64) + 1
+    """Token counts as the batch tensors hold them: one special added per sentence (int32: half
+    the memory of int64 for a corpus of millions; sums over them are taken in int64)."""
+    return np.asarray(lengths, dtype=np.int64).astype(np.int32) + np.int32(1)
+
+
+def index_dtype(n: int) -> np.dtype:
+    """The type of an order over `n` sentences: int32 while it fits."""
+    return np.dtype(np.int32 if n < 2**31 else np.int64)
 
 
 def sort_by_length(
@@ -42,9 +48,10 @@ def pack(
 
     Lengths include the specials (`with_specials`). Greedy, as a loop over sentences would be: a
     batch takes sentences while `(sentences + 1) * longest` fits, and a sentence longer than the
-    budget on its own gets a batch of its own. The loop runs once per batch, on numpy arrays: a
-    batch of sentences no shorter than its first one fits at most `max_tokens // first` of them,
-    so each looks at that window only (time linear in the corpus).
+    budget on its own gets a batch of its own. The loop runs once per batch, on numpy arrays: the
+    padded length of a batch is at least its first sentence's, so it holds at most
+    `max_tokens // first` sentences and each step looks at that window only (time linear in the
+    corpus).
     """
     longest = np.maximum(src_lengths, tgt_lengths)[order]
     n = len(longest)
@@ -76,7 +83,7 @@ def token_batches(
     batches, so every epoch's batches have the same sizes and padding as these.
     """
     src, tgt = with_specials(src_lengths), with_specials(tgt_lengths)
-    order = sort_by_length(src, tgt, np.arange(len(src)))
+    order = sort_by_length(src, tgt, np.arange(len(src), dtype=index_dtype(len(src))))
     return split_batches(order, pack(src, tgt, order, max_tokens))
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -395,7 +396,7 @@ class MappedSplits(Mapping):
     def _map(self, name: str) -> SplitData:
         sides = []
         for side in ("src", "tgt"):
-            ids = np.load(array_path(self.path, name, side, "ids"), mmap_mode="r")
+            ids = _random_access(np.load(array_path(self.path, name, side, "ids"), mmap_mode="r"))
             offsets = np.load(array_path(self.path, name, side, "offsets"), mmap_mode="r")
             if offsets.ndim != 1 or len(offsets) == 0 or offsets[-1] != len(ids):
                 raise ValueError(f"{name}.{side}: its offsets do not match its ids")
@@ -408,3 +409,12 @@ class MappedSplits(Mapping):
             text = json.loads(text_path.read_text(encoding="utf-8"))
             split.src_text, split.ref_text = text["src"], text["ref"]
         return split
+
+
+def _random_access(ids: np.ndarray) -> np.ndarray:
+    """Tell the kernel that `ids` (a mapped file) is read at random: batches pick sentences all
+    over it, and the default read-ahead would fault in far more of the file than they read."""
+    mapping = getattr(ids, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
+    return ids

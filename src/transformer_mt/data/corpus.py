@@ -187,12 +187,6 @@ def corpus_files(
     return found
 
 
-def ensure_multi30k(cfg: DataConfig, splits: Iterable[str] | None = None) -> Path:
-    """Fetch the Multi30k files a run needs (see `corpus_files`); return the folder holding them."""
-    corpus_files(cfg, splits)
-    return multi30k_dir(cfg)
-
-
 def split_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:
     """(source file, target file) of `split`, fetched if needed; an error if it cannot be had."""
     files = corpus_files(cfg, [split])[split]

@@ -185,8 +185,9 @@ class ChunkPool:
                 yield pending.popleft().result()
         except BrokenProcessPool as error:
             raise DataError(
-                "a data preparation worker process died (out of memory? killed?); "
-                "try fewer data.workers"
+                "a data preparation worker process died: out of memory or killed (try fewer "
+                "data.workers), or a script of yours that prepares data lacks the "
+                '`if __name__ == "__main__":` guard that spawned processes need'
             ) from error
 
     def __enter__(self) -> ChunkPool:

@@ -109,7 +109,7 @@ class Step:
         scale = self.info.world_size / global_tokens  # DDP averages gradients over ranks
         step_loss = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
-            batch = batch.to(self.device, non_blocking=True)
+            batch = batch.to(self.device)
             with self._gradient_sync(i == len(batches) - 1):
                 with self.autocast():
                     logits = self.train_model(batch.src, batch.tgt_in)

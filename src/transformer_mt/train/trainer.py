@@ -165,7 +165,8 @@ class Trainer(snapshot.Resumable):
         a stopping rule (`_stop_in_epoch`)."""
         p, tc = self.progress, self.cfg.trainer
         self.sampler.set_epoch(p.epoch + 1)
-        batches = list(self.sampler.iter_from(p.batches_in_epoch))  # all of them but on a resume
+        # Index arrays, all of them but on a resume: nothing per sentence is held for the epoch.
+        batches = self.sampler.batches()[p.batches_in_epoch :]
         if p.batches_in_epoch == 0:
             self.epoch_meter = Meter()
         self.window = Meter()
@@ -175,7 +176,9 @@ class Trainer(snapshot.Resumable):
         self.step.train_model.train()
         with bar:
             for group in chunks(batches, tc.accumulate):
-                self.train_step([collate([self.train_set[i] for i in ids]) for ids in group])
+                self.train_step(
+                    [collate([self.train_set[i] for i in ids.tolist()]) for ids in group]
+                )
                 p.batches_in_epoch += len(group)
                 bar.update(len(group))
                 if p.step % tc.log_every == 0:

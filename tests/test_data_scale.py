@@ -25,7 +25,7 @@ from transformer_mt.data.dataset import load_prepared, prepare, wait_for_prepare
 from transformer_mt.data.subword import Subword
 from transformer_mt.data.tokenize import Tokenizer
 from transformer_mt.data.vocab import Vocab
-from transformer_mt.data.workers import ChunkPool
+from transformer_mt.data.workers import ChunkPool, resolve_workers
 from transformer_mt.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -328,3 +328,10 @@ def test_loading_reuses_the_corpus_checksums_until_a_file_changes(
         load_prepared(cfg)  # a changed file is hashed again: another key
     assert prepare(cfg) != prepared
     assert len(load_prepared(cfg).split("train")) == 301
+
+
+def test_workers_default_to_every_core_but_one_process_for_a_small_corpus():
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_workers(None, corpus_bytes=4 << 20) == 1  # Multi30k's size
+    assert resolve_workers(None, corpus_bytes=1 << 30) == cores
+    assert resolve_workers(3, corpus_bytes=4 << 20) == 3

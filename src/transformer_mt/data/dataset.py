@@ -97,7 +97,7 @@ def _prepare(
     for lang in (cfg.src, cfg.tgt):
         check_language(lang)  # here, before anything is written or a worker starts
     started = time.perf_counter()
-    workers = resolve_workers(cfg.workers)
+    workers = resolve_workers(cfg.workers, _corpus_bytes(files))
     _warn_about_word_cap(cfg)
     try:
         with atomic_directory(target) as building:
@@ -152,6 +152,10 @@ def _prepare(
         "" if workers == 1 else "s",
     )
     return target
+
+
+def _corpus_bytes(files: dict[str, SplitFiles]) -> int:
+    return sum(path.stat().st_size for pair in files.values() for path in (pair.src, pair.tgt))
 
 
 class _Tokenized:

@@ -88,19 +88,23 @@ class DataConfig:
     vocab: str = "word"
     vocab_size: int = 8000  # bpe / unigram: pieces per model, specials included
     min_freq: int = 2  # word only
-    max_size: int | None = None  # word only: largest vocabulary, specials included; None = no limit
+    # word only: largest vocabulary, specials included; None = no limit for Multi30k, 50,000 for a
+    # custom corpus (whose rare words grow without bound with its size)
+    max_size: int | None = None
     # One vocabulary for both sides (needed for model.share_embeddings); with bpe / unigram, one
     # subword model trained on both sides (joint), else one per side.
     shared_vocab: bool = False
     max_len: int = 100  # training pairs longer than this (tokens, either side) are filtered out
     max_tokens: int = 4096  # padded tokens of one batch (longer side); per process under torchrun
     limit_train: int | None = None  # keep only the first N training pairs (quick runs)
-    # Processes that tokenize and encode a corpus being prepared; None = every core.
+    # Processes that tokenize and encode a corpus being prepared; None = every core (one process
+    # for a corpus under 32 MB, where starting workers costs more than it saves).
     workers: int | None = None
     # bpe / unigram: SentencePiece trains on at most this many sentences, a uniform random sample
     # of the training split (all of it when smaller). Both sides count when the model is joint.
     subword_sample: int = 1_000_000
-    # Under torchrun, processes other than the first wait this many minutes for the prepared data.
+    # Under torchrun, the first process of each machine prepares missing data; the others wait this
+    # many minutes for it to appear on disk.
     prepare_wait: float = 60.0
 
     def __post_init__(self) -> None:

@@ -287,7 +287,10 @@ def test_ctrl_c_exits_130_without_a_traceback(toy) -> None:
     ready, _, _ = select.select([process.stdout], [], [], 120)
     assert ready and process.stdout.readline() == b"Two three.\n"  # the model is loaded
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    process.wait(timeout=60)  # stdin stays open: only the signal can end it
+    err = process.stderr.read()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
     assert process.returncode == 130, err
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
 

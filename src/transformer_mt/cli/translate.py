@@ -12,8 +12,6 @@ import contextlib
 import io
 import logging
 import os
-import select
-import stat
 import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, BinaryIO, TextIO
@@ -154,31 +152,6 @@ def decode_config(args: argparse.Namespace) -> DecodeConfig:
     )
 
 
-def _reads(stream: BinaryIO) -> Iterator[bytes]:
-    """What `stream` has, a read at a time, as it arrives. On a pipe or a terminal the wait is in
-    slices of `WAIT_SLICE_S`: a Ctrl-C that the kernel hands to another thread (torch's) does not
-    interrupt a blocked read, and Python acts on it only when this thread runs again."""
-    try:
-        fd = stream.fileno()
-        waits = not stat.S_ISREG(os.fstat(fd).st_mode)
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        waits = False
-    if not waits:
-        while data := stream.read1(READ_BYTES):
-            yield data
-        return
-    while True:
-        if not select.select([fd], [], [], WAIT_SLICE_S)[0]:
-            continue
-        data = os.read(fd, READ_BYTES)
-        if not data:
-            return
-        yield data
-
-
-WAIT_SLICE_S = 0.5
-
-
 def line_chunks(
     stream: BinaryIO, max_lines: int, max_line_bytes: int = MAX_LINE_BYTES
 ) -> Iterator[list[str]]:
@@ -192,7 +165,7 @@ def line_chunks(
     """
     line = _BoundedLine(max_line_bytes)
     number = 0
-    for data in _reads(stream):
+    while data := stream.read1(READ_BYTES):
         *complete, rest = data.split(b"\n")
         lines = []
         for piece in complete:

@@ -19,7 +19,7 @@ import pytest
 
 from transformer_mt.config import DataConfig
 from transformer_mt.data.buckets import pack, sort_by_length, split_batches, with_specials
-from transformer_mt.data.cache import Sentences, ids_dtype, word_max_size
+from transformer_mt.data.cache import ArrayFile, Sentences, ids_dtype, word_max_size
 from transformer_mt.data.corpus import line_chunks, read_lines
 from transformer_mt.data.dataset import load_prepared, prepare, wait_for_prepared
 from transformer_mt.data.subword import Subword
@@ -69,8 +69,8 @@ def _cache_files(folder: Path) -> dict[str, bytes]:
 # The cache
 
 
-def test_the_cache_is_mapped_not_read_and_lengths_come_from_the_offsets(multi30k_de_en):
-    """Loading maps the files: no Python object per sentence (the old loader built a list of
+def test_the_cache_is_read_by_the_slice_and_lengths_come_from_the_offsets(multi30k_de_en):
+    """Loading opens the files: no Python object per sentence (the old loader built a list of
     ints per sentence, about 1 KB each, 60 MB for Multi30k's training split)."""
     tracemalloc.start()
     try:
@@ -81,23 +81,51 @@ def test_the_cache_is_mapped_not_read_and_lengths_come_from_the_offsets(multi30k
     finally:
         tracemalloc.stop()
     assert len(train) == 29000
-    assert isinstance(train.src.ids, np.memmap) and isinstance(train.tgt.ids, np.memmap)
+    assert isinstance(train.src.ids, ArrayFile) and isinstance(train.tgt.ids, ArrayFile)
     assert train.src.ids.dtype == np.uint16  # a vocabulary under 65,536 entries
     offsets = np.load(data.path / "train.src.offsets.npy")
     assert np.array_equal(lengths[0], np.diff(offsets))
-    # Two int64 length arrays (232 KB each) and the vocabularies' lists, nothing per sentence.
+    assert lengths[0].dtype == np.int32
+    # Two int32 length arrays (116 KB each) and the vocabularies' lists, nothing per sentence.
     assert peak < 4_000_000, peak
 
 
-def test_only_the_splits_asked_for_are_mapped(multi30k_de_en, monkeypatch):
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_reading_sentences_maps_none_of_the_cache(multi30k_de_en):
+    """The ids are read, not mapped: every page of a mapping the kernel fills around a touched
+    one would count in the process's RSS (hundreds of MB on a corpus of millions)."""
+    data = load_prepared(multi30k_de_en)
+    train = data.split("train")
+    ids = np.load(data.path / "train.tgt.ids.npy")
+    offsets = np.load(data.path / "train.tgt.offsets.npy")
+    for i in (0, 1, 14_321, len(train) - 1):
+        assert train.tgt[i] == ids[offsets[i] : offsets[i + 1]].tolist()
+    assert train.tgt[-1] == train.tgt[len(train) - 1]
+    maps = Path("/proc/self/maps").read_text()
+    assert str(data.path) not in maps
+
+
+def test_a_selection_and_a_head_read_the_sentences_they_name(multi30k_de_en):
+    train = load_prepared(multi30k_de_en).split("train")
+    picked = train.select(np.array([7, 3, 7]))
+    assert [picked.src[i] for i in range(3)] == [train.src[7], train.src[3], train.src[7]]
+    assert picked.src_lengths().tolist() == [len(train.src[i]) for i in (7, 3, 7)]
+    head = train.head(5)
+    assert len(head) == 5 and head.tgt[4] == train.tgt[4]
+    assert head.tgt_lengths().tolist() == [len(train.tgt[i]) for i in range(5)]
+    with pytest.raises(IndexError):
+        head.tgt[5]
+
+
+def test_only_the_splits_asked_for_are_opened(multi30k_de_en, monkeypatch):
     opened = []
-    real_load = np.load
 
-    def recording_load(path, *args, **kwargs):
-        opened.append(Path(path).name)
-        return real_load(path, *args, **kwargs)
+    class RecordingArrayFile(ArrayFile):
+        def __init__(self, path: Path) -> None:
+            opened.append(Path(path).name)
+            super().__init__(path)
 
-    monkeypatch.setattr(np, "load", recording_load)
+    monkeypatch.setattr("transformer_mt.data.cache.ArrayFile", RecordingArrayFile)
     data = load_prepared(multi30k_de_en)
     assert opened == []
     data.split("test2016")
@@ -133,7 +161,7 @@ def test_two_workers_write_the_same_cache_as_one(multi30k_mirror, tmp_path, voca
     assert "train.src.ids.npy" in files and not any(name.startswith(".") for name in files)
 
 
-@pytest.mark.parametrize("vocab", ["word", "bpe"])
+@pytest.mark.parametrize("vocab", ["word", "bpe", "unigram"])
 def test_the_cache_holds_the_ids_of_the_plain_pipeline(multi30k_mirror, tmp_path, vocab):
     """What preparing always meant, written plainly over whole lists (as the cache of format 1 was
     made): spaCy tokens, a vocabulary (or one SentencePiece model) learnt from every training
@@ -154,7 +182,7 @@ def test_the_cache_holds_the_ids_of_the_plain_pipeline(multi30k_mirror, tmp_path
         def ids(sentence: list[str]) -> list[int]:
             return vocab_.encode(sentence)
     else:
-        model = Subword.train(train_src + train_tgt, "bpe", 800)
+        model = Subword.train(train_src + train_tgt, vocab, 800, threads=1)  # as prepare() here
         vocab_ = model.vocab()
 
         def ids(sentence: list[str]) -> list[int]:
@@ -182,7 +210,7 @@ def test_subwords_train_on_a_sample_when_the_corpus_is_larger(multi30k_mirror, t
     # The sampled model still covers the whole corpus: no <unk> piece in the training ids.
     data = load_prepared(replace(cfg, subword_sample=1000))
     train = data.split("train")
-    assert int(train.src.ids.max()) < len(data.src_vocab)
+    assert int(np.load(data.path / "train.src.ids.npy").max()) < len(data.src_vocab)
     assert data.src_subword is not None
 
 

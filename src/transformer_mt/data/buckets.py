@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 def with_specials(lengths: Sequence[int]) -> np.ndarray:
     """Token counts as the batch tensors hold them: one special added per sentence (int32: half
     the memory of int64 for a corpus of millions; sums over them are taken in int64)."""
-    return np.asarray(lengths, dtype=np.int64).astype(np.int32) + np.int32(1)
+    counts = np.asarray(lengths).astype(np.int32)  # a copy: the caller's array is left alone
+    counts += 1
+    return counts
 
 
 def index_dtype(n: int) -> np.dtype:

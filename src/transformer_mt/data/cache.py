@@ -12,10 +12,12 @@ A prepared corpus lives in `<data.root>/cache/<key>/`:
     <split>.<side>.offsets.npy   int64, n + 1: sentence i is ids[offsets[i]:offsets[i + 1]]
     <split>.text.json        {"src": [...], "ref": [...]}: the raw lines of every split but train
 
-(<side> is src or tgt.) Loading reads the manifest and the vocabularies, and maps the `.npy` files
-(`np.load(mmap_mode="r")`) of a split only when that split is asked for: constant time and memory
-whatever the corpus size, and every process that maps the same files shares one copy in the page
-cache. A sentence is sliced out of the mapped arrays when its batch is collated; no Python object
+(<side> is src or tgt.) Loading reads the manifest and the vocabularies, and opens the `.npy` files
+of a split only when that split is asked for: constant time and memory whatever the corpus size.
+The files are `.npy` (`np.load(mmap_mode="r")` maps them for a look by hand), but they are read
+with `os.pread`, a sentence at a time when its batch is collated (`ArrayFile`): every process
+that reads the same files shares one copy in the page cache, and a process's own memory holds
+only the lengths (4 bytes a sentence) and the batches it is working on. No Python object
 per sentence is ever built. Caches of an older format are refused with one line.
 
 `<key>` hashes everything that changes the result (corpus, file checksums, languages, tokenizer and
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,19 +72,85 @@ WORD_ONLY = ("min_freq", "max_size")  # settings that subword vocabularies ignor
 SUBWORD_ONLY = ("vocab_size", "subword_sample")
 
 
-class Sentences(Sequence):
-    """Token ids of many sentences stored end to end: sentence i is `ids[starts[i]:ends[i]]`.
+class ArrayFile:
+    """A one-dimensional `.npy` array read from its file a slice at a time (`os.pread`), never
+    mapped: what a process reads lands in the page cache, shared by every process that reads the
+    same file and reclaimable, and only the slices it asked for are in its own memory. (A mapping
+    would count every page the kernel maps around a touched one in the process's RSS: hundreds
+    of MB after a few hundred batches drawn from all over a corpus of millions of sentences.)
 
-    `ids` is usually a memory-mapped array; indexing gives one sentence as a list of ints, read
-    when it is needed. `lengths()` comes from the bounds alone.
+    Indexing with an int gives a numpy scalar, with a contiguous slice a numpy array.
     """
 
-    def __init__(self, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
-        self.ids, self.starts, self.ends = ids, starts, ends
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed with the object)
+        version = np.lib.format.read_magic(self._file)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"{self.path.name}: .npy format {version} is not read here")
+        shape, fortran, dtype = read_header(self._file)
+        if len(shape) != 1 or fortran or dtype.hasobject:
+            raise ValueError(f"{self.path.name}: not a one-dimensional array of numbers")
+        self.dtype: np.dtype = dtype
+        self._start = self._file.tell()
+        self._length = shape[0]
+        if self._start + self._length * dtype.itemsize > os.fstat(self._file.fileno()).st_size:
+            raise ValueError(f"{self.path.name}: shorter than its header says")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._length)
+            if step != 1:
+                raise IndexError("an ArrayFile is read in contiguous slices only")
+            return self._read(start, max(stop - start, 0))
+        position = range(self._length)[index]  # IndexError past either end, as for a list
+        return self._read(position, 1)[0]
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[np.ndarray]:
+        """The whole array, `size` elements at a time."""
+        for start in range(0, self._length, size):
+            yield self._read(start, min(size, self._length - start))
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        size = self.dtype.itemsize
+        data = os.pread(self._file.fileno(), count * size, self._start + start * size)
+        if len(data) != count * size:
+            raise OSError(f"{self.path}: read {len(data)} of {count * size} bytes (truncated?)")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:  # a process that receives it opens the file again
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+
+class Sentences(Sequence):
+    """Token ids of many sentences stored end to end: sentence i is `ids[offsets[i]:offsets[i + 1]]`.
+
+    `ids` and `offsets` are numpy arrays (small data) or `ArrayFile`s (a prepared cache), from
+    which a sentence is read when it is asked for; indexing gives it as a list of ints.
+    Which stored sentences this object holds: the first `count` (default: all), or, given
+    `positions`, sentence i is the stored sentence `positions[i]`. `lengths()` reads the offsets
+    only.
+    """
+
+    def __init__(
+        self, ids, offsets, positions: np.ndarray | None = None, count: int | None = None
+    ) -> None:
+        self.ids, self.offsets, self.positions = ids, offsets, positions
+        self.count = len(offsets) - 1 if count is None else min(count, len(offsets) - 1)
 
     @classmethod
-    def from_offsets(cls, ids: np.ndarray, offsets: np.ndarray) -> Sentences:
-        return cls(ids, offsets[:-1], offsets[1:])
+    def from_offsets(cls, ids, offsets) -> Sentences:
+        return cls(ids, offsets)
 
     @classmethod
     def from_lists(cls, seqs: Sequence[Sequence[int]]) -> Sentences:
@@ -90,28 +158,46 @@ class Sentences(Sequence):
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in seqs], out=offsets[1:])
         ids = np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=int(offsets[-1]))
-        return cls.from_offsets(ids, offsets)
+        return cls(ids, offsets)
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.count if self.positions is None else len(self.positions)
 
     def __getitem__(self, index):  # type: ignore[override]
         """Sentence `index` as a list of ids; a slice gives a list of them."""
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return self.ids[self.starts[index] : self.ends[index]].tolist()
+        stored = range(len(self))[index] if self.positions is None else self.positions[index]
+        start, end = self.offsets[stored : stored + 2].tolist()
+        return self.ids[start:end].tolist()
 
     def lengths(self) -> np.ndarray:
-        """Tokens per sentence (int64)."""
-        return np.asarray(self.ends, dtype=np.int64) - self.starts
+        """Tokens per sentence (int32, 4 bytes a sentence), read from the offsets in chunks."""
+        stored = np.empty(len(self.offsets) - 1, dtype=np.int32)
+        done, last = 0, None
+        chunks = self.offsets.chunks() if isinstance(self.offsets, ArrayFile) else [self.offsets]
+        for chunk in chunks:
+            if not len(chunk):
+                continue
+            if last is not None:
+                stored[done] = chunk[0] - last
+                done += 1
+            stored[done : done + len(chunk) - 1] = np.diff(chunk)
+            done += len(chunk) - 1
+            last = chunk[-1]
+        return stored[: self.count] if self.positions is None else stored[self.positions]
 
     def select(self, indices: np.ndarray) -> Sentences:
         """The sentences at `indices`, in that order (the ids are not copied)."""
-        return Sentences(self.ids, self.starts[indices], self.ends[indices])
+        indices = np.asarray(indices, dtype=np.int64)
+        positions = indices if self.positions is None else self.positions[indices]
+        return Sentences(self.ids, self.offsets, positions)
 
     def head(self, n: int) -> Sentences:
-        """The first `n` sentences (views: nothing is copied)."""
-        return Sentences(self.ids, self.starts[:n], self.ends[:n])
+        """The first `n` sentences (nothing is copied)."""
+        if self.positions is None:
+            return Sentences(self.ids, self.offsets, count=min(n, self.count))
+        return Sentences(self.ids, self.offsets, self.positions[:n])
 
 
 @dataclass
@@ -396,9 +482,9 @@ class MappedSplits(Mapping):
     def _map(self, name: str) -> SplitData:
         sides = []
         for side in ("src", "tgt"):
-            ids = _random_access(np.load(array_path(self.path, name, side, "ids"), mmap_mode="r"))
-            offsets = np.load(array_path(self.path, name, side, "offsets"), mmap_mode="r")
-            if offsets.ndim != 1 or len(offsets) == 0 or offsets[-1] != len(ids):
+            ids = ArrayFile(array_path(self.path, name, side, "ids"))
+            offsets = ArrayFile(array_path(self.path, name, side, "offsets"))
+            if len(offsets) == 0 or offsets[-1] != len(ids):
                 raise ValueError(f"{name}.{side}: its offsets do not match its ids")
             sides.append(Sentences.from_offsets(ids, offsets))
         if len(sides[0]) != len(sides[1]):
@@ -410,11 +496,3 @@ class MappedSplits(Mapping):
             split.src_text, split.ref_text = text["src"], text["ref"]
         return split
 
-
-def _random_access(ids: np.ndarray) -> np.ndarray:
-    """Tell the kernel that `ids` (a mapped file) is read at random: batches pick sentences all
-    over it, and the default read-ahead would fault in far more of the file than they read."""
-    mapping = getattr(ids, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
-        mapping.madvise(mmap.MADV_RANDOM)
-    return ids

@@ -25,7 +25,6 @@ so hypotheses stay aligned with references. Loading imports neither spaCy nor to
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter
@@ -306,20 +305,21 @@ def _encode_side(
     """Pass 2 of one side of a split: its token file to `<name>.<side>.ids.npy` / `.offsets.npy`."""
     writer = IdsWriter(folder, name, side, dtype)
     with open(tokens / f"{name}.{side}", encoding="utf-8", newline="\n") as handle:
-        lines = (line[:-1] for line in handle)
-        tasks = ((list(chunk), side) for chunk in _batched(lines, CHUNK_TOKENS_LINES))
+        tasks = ((text, side) for text in _line_blocks(handle, CHUNK_TOKENS_CHARS))
         for ids, lengths in pool.map(encode_chunk, tasks):
             writer.append(ids, lengths)
     writer.close()
 
 
-CHUNK_TOKENS_LINES = 20_000  # token lines per encoding task
+CHUNK_TOKENS_CHARS = 2_000_000  # characters of token lines per encoding task (~20,000 lines)
 
 
-def _batched(iterable, n: int):
-    iterator = iter(iterable)
-    while chunk := list(itertools.islice(iterator, n)):
-        yield chunk
+def _line_blocks(handle, size: int) -> Iterator[str]:
+    """The text of `handle` in blocks of about `size` characters, each ending at a line's end."""
+    while block := handle.read(size):
+        if not block.endswith("\n"):
+            block += handle.readline()
+        yield block
 
 
 def _write_vocabularies(

@@ -6,7 +6,7 @@ of plain data and return plain data, so that they run the same in the preparing 
 (`start_tokenizing`, `start_encoding`) and keeps them in `_tools`.
 
     tokenize_chunk(src_lines, tgt_lines, clean)  -> TokenizedChunk   spaCy, then (train) filtering
-    encode_chunk(token_lines, side)               -> (ids, lengths)   SentencePiece or word ids
+    encode_chunk(token_text, side)                -> (ids, lengths)   SentencePiece or word ids
 
 A token line is a sentence's tokens joined by single spaces (spaCy never puts a space inside a
 token), the form the temporary token files and SentencePiece's training both use.
@@ -123,32 +123,74 @@ def start_encoding(
         _tools[side] = _Encoder(Vocab(itos), model, np.dtype(dtype))
 
 
-def encode_chunk(task: tuple[list[str], str]) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of a chunk of token lines of one side (`src` or `tgt`), end to end, and their lengths."""
-    lines, side = task
-    return _tools[side](lines)
+def encode_chunk(task: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of a chunk of token lines of one side (`src` or `tgt`), end to end, and their lengths.
+    The lines come as one text, each ended by "\n" (cheaper to send than a list of lines)."""
+    text, side = task
+    return _tools[side](text.split("\n")[:-1])
 
 
 class _Encoder:
-    """Token lines -> ids: SentencePiece's own ids when the vocabulary is its pieces, else lookups."""
+    """Token lines -> ids, through a table of the words seen so far and their ids.
+
+    SentencePiece (with its whitespace splitting, as here) segments each space-separated word on
+    its own, so a sentence's ids are its words' ids end to end: each distinct word is encoded
+    once (SentencePiece's batch call for the new words of a chunk, or a vocabulary lookup), and a
+    chunk's ids are gathered from the table with numpy. A frequent word costs a dictionary lookup
+    instead of a segmentation. The table holds at most `WORD_TABLE_SIZE` words; when full it
+    starts again (memory stays bounded however many distinct words a corpus has).
+    """
 
     def __init__(self, vocab: Vocab, subword: Subword | None, dtype: np.dtype) -> None:
         self.vocab, self.subword, self.dtype = vocab, subword, dtype
         self.native_ids = subword is not None and subword.vocab() == vocab
+        self._clear()
+
+    def _clear(self) -> None:
+        self._slots: dict[str, int] = {}  # word -> its row in the table
+        self._starts = np.zeros(0, dtype=np.int64)  # row -> where its ids start in _ids
+        self._counts = np.zeros(0, dtype=np.int64)  # row -> how many ids
+        self._ids = np.zeros(0, dtype=self.dtype)
 
     def __call__(self, lines: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        words = " ".join(line for line in lines if line).split(" ") if any(lines) else []
+        new = [word for word in dict.fromkeys(words) if word not in self._slots]
+        if len(self._slots) + len(new) > WORD_TABLE_SIZE:
+            self._clear()
+            new = list(dict.fromkeys(words))
+        if new:
+            self._add(new)
+        rows = np.fromiter(map(self._slots.__getitem__, words), dtype=np.int64, count=len(words))
+        counts = self._counts[rows]
+        ends = np.cumsum(counts)
+        # Word k's ids are _ids[starts[k] : starts[k] + counts[k]], laid end to end.
+        shift = np.repeat(self._starts[rows] - (ends - counts), counts)
+        ids = self._ids[shift + np.arange(len(shift))]
+        words_per_line = [line.count(" ") + 1 if line else 0 for line in lines]
+        word_ends = np.cumsum(words_per_line, dtype=np.int64)
+        id_ends = np.concatenate(([0], ends))[word_ends]
+        lengths = np.diff(id_ends, prepend=0)
+        return ids, lengths
+
+    def _add(self, words: list[str]) -> None:
+        """Encode `words` (new to the table) and append them to it."""
         if self.subword is not None:
-            seqs = self.subword.encode_lines(lines, as_ids=self.native_ids)
+            seqs = self.subword.encode_lines(words, as_ids=self.native_ids)
         else:
-            seqs = [line.split(" ") if line else [] for line in lines]
+            seqs = [[word] for word in words]
         if not (self.subword is not None and self.native_ids):
             stoi = self.vocab.stoi
             seqs = [[stoi.get(token, UNK) for token in seq] for seq in seqs]
-        lengths = np.fromiter((len(seq) for seq in seqs), dtype=np.int64, count=len(seqs))
-        ids = np.fromiter(
-            itertools.chain.from_iterable(seqs), dtype=self.dtype, count=int(lengths.sum())
-        )
-        return ids, lengths
+        counts = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        starts = len(self._ids) + np.cumsum(counts) - counts
+        self._slots.update(zip(words, range(len(self._slots), len(self._slots) + len(words))))
+        self._starts = np.concatenate((self._starts, starts))
+        self._counts = np.concatenate((self._counts, counts))
+        added = np.fromiter(itertools.chain.from_iterable(seqs), self.dtype, int(counts.sum()))
+        self._ids = np.concatenate((self._ids, added))
+
+
+WORD_TABLE_SIZE = 500_000  # distinct words an encoding process keeps (tens of MB)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,7 +209,6 @@ def test_subwords_train_on_a_sample_when_the_corpus_is_larger(multi30k_mirror, t
     assert a.read_bytes() != b.read_bytes()
     # The sampled model still covers the whole corpus: no <unk> piece in the training ids.
     data = load_prepared(replace(cfg, subword_sample=1000))
-    train = data.split("train")
     assert int(np.load(data.path / "train.src.ids.npy").max()) < len(data.src_vocab)
     assert data.src_subword is not None
 

@@ -495,4 +495,3 @@ class MappedSplits(Mapping):
             text = json.loads(text_path.read_text(encoding="utf-8"))
             split.src_text, split.ref_text = text["src"], text["ref"]
         return split
-

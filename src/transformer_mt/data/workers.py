@@ -183,7 +183,8 @@ class _Encoder:
             seqs = [[stoi.get(token, UNK) for token in seq] for seq in seqs]
         counts = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         starts = len(self._ids) + np.cumsum(counts) - counts
-        self._slots.update(zip(words, range(len(self._slots), len(self._slots) + len(words))))
+        first = len(self._slots)
+        self._slots.update(zip(words, range(first, first + len(words)), strict=True))
         self._starts = np.concatenate((self._starts, starts))
         self._counts = np.concatenate((self._counts, counts))
         added = np.fromiter(itertools.chain.from_iterable(seqs), self.dtype, int(counts.sum()))

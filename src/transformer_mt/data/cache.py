@@ -380,36 +380,39 @@ def array_path(folder: Path, split: str, side: str, kind: str) -> Path:
 class IdsWriter:
     """Appends sentences' ids to one side of a split as they come, then writes its two `.npy` files.
 
-    The ids go to a raw file as they arrive (memory: one chunk); the lengths are kept (8 bytes a
-    sentence) until `close`, which writes `<split>.<side>.ids.npy` and `.offsets.npy`.
+    The ids and the offsets go to raw files as they arrive (memory: one chunk); `close` puts the
+    `.npy` headers in front of them, as `<split>.<side>.ids.npy` and `.offsets.npy`.
     """
 
     def __init__(self, folder: Path, split: str, side: str, dtype: np.dtype) -> None:
         self.folder, self.split, self.side, self.dtype = folder, split, side, np.dtype(dtype)
-        self._raw_path = folder / f".{split}.{side}.ids.raw"
-        self._raw = open(self._raw_path, "wb")  # noqa: SIM115 (closed by close())
-        self._lengths: list[np.ndarray] = []
+        self._raw = {kind: folder / f".{split}.{side}.{kind}.raw" for kind in ("ids", "offsets")}
+        self._files = {kind: open(path, "wb") for kind, path in self._raw.items()}  # noqa: SIM115
+        self._files["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
         self.tokens = 0
+        self.sentences = 0
 
     def append(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         """`ids` of `len(lengths)` sentences end to end."""
-        self._raw.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
-        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+        self._files["ids"].write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        offsets = self.tokens + np.cumsum(lengths, dtype=np.int64)
+        self._files["offsets"].write(offsets.tobytes())
         self.tokens += len(ids)
+        self.sentences += len(lengths)
 
     def close(self) -> None:
-        self._raw.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        np.save(array_path(self.folder, self.split, self.side, "offsets"), offsets)
-        ids_path = array_path(self.folder, self.split, self.side, "ids")
-        with open(ids_path, "wb") as out, open(self._raw_path, "rb") as raw:
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                      "shape": (self.tokens,)}  # fmt: skip
-            np.lib.format.write_array_header_1_0(out, header)
-            shutil.copyfileobj(raw, out, 1 << 22)
-        self._raw_path.unlink()
+        shapes = {"ids": (self.tokens, self.dtype), "offsets": (self.sentences + 1, np.int64)}
+        for kind, (length, dtype) in shapes.items():
+            self._files[kind].close()
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                      "fortran_order": False, "shape": (length,)}  # fmt: skip
+            with (
+                open(array_path(self.folder, self.split, self.side, kind), "wb") as out,
+                open(self._raw[kind], "rb") as raw,
+            ):
+                np.lib.format.write_array_header_1_0(out, header)
+                shutil.copyfileobj(raw, out, 1 << 22)
+            self._raw[kind].unlink()
 
 
 def write_json(path: Path, value: Any) -> None:

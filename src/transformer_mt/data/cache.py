@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -84,21 +85,26 @@ class ArrayFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed with the object)
-        version = np.lib.format.read_magic(self._file)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)  # closed with the object, without a warning
+        with open(self._fd, "rb", closefd=False) as header:
+            self._read_header(header)
+
+    def _read_header(self, header) -> None:
+        version = np.lib.format.read_magic(header)
         read_header = {
             (1, 0): np.lib.format.read_array_header_1_0,
             (2, 0): np.lib.format.read_array_header_2_0,
         }.get(version)
         if read_header is None:
             raise ValueError(f"{self.path.name}: .npy format {version} is not read here")
-        shape, fortran, dtype = read_header(self._file)
+        shape, fortran, dtype = read_header(header)
         if len(shape) != 1 or fortran or dtype.hasobject:
             raise ValueError(f"{self.path.name}: not a one-dimensional array of numbers")
         self.dtype: np.dtype = dtype
-        self._start = self._file.tell()
+        self._start = header.tell()
         self._length = shape[0]
-        if self._start + self._length * dtype.itemsize > os.fstat(self._file.fileno()).st_size:
+        if self._start + self._length * dtype.itemsize > os.fstat(self._fd).st_size:
             raise ValueError(f"{self.path.name}: shorter than its header says")
 
     def __len__(self) -> int:
@@ -120,7 +126,7 @@ class ArrayFile:
 
     def _read(self, start: int, count: int) -> np.ndarray:
         size = self.dtype.itemsize
-        data = os.pread(self._file.fileno(), count * size, self._start + start * size)
+        data = os.pread(self._fd, count * size, self._start + start * size)
         if len(data) != count * size:
             raise OSError(f"{self.path}: read {len(data)} of {count * size} bytes (truncated?)")
         return np.frombuffer(data, dtype=self.dtype)

@@ -95,7 +95,7 @@ def test_forcing_bf16_on_a_cpu_without_it_is_a_one_line_error(tmp_path, monkeypa
 
 def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=300, n_val=20)
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=100, n_val=5)
     args = overrides(
         corpus,
         tmp_path,
@@ -105,16 +105,18 @@ def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
         "hydra.sweeper.sampler.n_startup_trials=2",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "trainer.max_epochs=1",
+        "model.d_ff=64",  # with dec_layers, keeps the largest trial model quick to train
+        "model.dec_layers=1",
     )
     result = run_cli(args)
     assert result.returncode == 0, result.stderr[-3000:]
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna"
     best = results["best_params"]
-    # optim.lr and optim.warmup_steps are fixed by the command line (train_support.overrides),
-    # which wins over the search space; the rest is searched.
+    # optim.lr and optim.warmup_steps (train_support.overrides), model.d_ff and model.dec_layers
+    # are fixed by the command line, which wins over the search space; the rest is searched.
     assert {"model.dropout", "model.d_model", "model.enc_layers"} <= set(best)
-    assert "optim.lr" not in best
+    assert not {"optim.lr", "model.d_ff", "model.dec_layers"} & set(best)
     assert 0.1 <= best["model.dropout"] <= 0.4 and best["model.d_model"] in (128, 256, 384)
     assert 0.0 <= results["best_value"] <= 100.0
     # Each trial is a run of its own, with its own checkpoints.

@@ -1,0 +1,189 @@
+"""The HTTP face of a server: routes, JSON errors, and the batcher's start and stop.
+
+    GET  /            the translation page (static files shipped in this package)
+    GET  /health      {"status": "ok"}
+    GET  /info        languages, vocabulary, model size, decoding defaults, checkpoint, bounds
+    GET  /metrics     Prometheus text: requests, sentences, errors, queue depth, latency
+    POST /translate   {"text": str | [str], "beam_size"?, "length_penalty"?, "nbest"?}
+    POST /attention   {"text": str}: every layer's and head's attention for one sentence
+
+Every refusal is `{"error": "..."}` with its status (400, 404, 405, 413, 422, 503); a bug is a 500
+with the same shape, logged with its traceback, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from transformer_mt.serve.batcher import Batcher, QueueFullError
+from transformer_mt.serve.engine import Engine, Scored
+from transformer_mt.serve.metrics import ServerMetrics
+from transformer_mt.serve.requests import RequestError, parse_translate
+from transformer_mt.serve.settings import ServeSettings
+
+STATIC = Path(__file__).parent / "static"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Server:
+    """What the routes share: the engine, the settings, the metrics and the batcher."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.batcher = Batcher(engine.decode, engine.model_thread, settings, self.metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        # uvicorn calls the shutdown half after it has drained the requests in flight.
+        self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.batcher.stop()
+            self.engine.close()
+
+    def counted(self, route: str, handler: Handler) -> Handler:
+        """`handler`, its answers (and refusals) counted under `route`."""
+
+        async def wrapper(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except RequestError as err:
+                response = error(err.status, str(err))
+            except Exception:
+                self.metrics.responses[route, 500] += 1  # answered by `server_error`
+                raise
+            self.metrics.responses[route, response.status_code] += 1
+            return response
+
+        return wrapper
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def info(self, request: Request) -> Response:
+        s = self.settings
+        return JSONResponse(
+            {
+                **self.engine.info(),
+                "bounds": {
+                    "max_body_bytes": s.max_body_bytes,
+                    "max_sentences": s.max_sentences,
+                    "max_chars": s.max_chars,
+                    "max_queue": s.max_queue,
+                    "timeout_s": s.timeout_s,
+                    "attention_max_tokens": s.attention_max_tokens,
+                },
+                "batching": {
+                    "enabled": s.batching,
+                    "batch_wait_ms": s.batch_wait_ms,
+                    "batch_tokens": s.batch_tokens,
+                    **self.metrics.batching(),
+                },
+            }
+        )
+
+    async def prometheus(self, request: Request) -> Response:
+        return PlainTextResponse(
+            self.metrics.render(self.batcher.depth),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+    async def page(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def translate(self, request: Request) -> Response:
+        started = time.monotonic()
+        self.metrics.in_flight += 1
+        try:
+            body = await read_body(request, self.settings.max_body_bytes)
+            req = parse_translate(body, self.settings, self.engine.defaults)
+            loop = asyncio.get_running_loop()
+            sources = await loop.run_in_executor(
+                self.engine.text_thread, self.engine.encode, req.lines
+            )
+            left = self.settings.timeout_s - (time.monotonic() - started)
+            try:
+                results = await self.batcher.submit(sources, req.decode_cfg, left)
+            except QueueFullError:
+                return error(503, "the server is busy: too many requests waiting; retry later", 1)
+            except TimeoutError:
+                return error(
+                    503, f"no translation within {self.settings.timeout_s:g} s; retry later", 1
+                )
+            self.metrics.sentences += len(req.lines)
+            return JSONResponse(translations(results, req.decode_cfg.nbest))
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.latency.observe(time.monotonic() - started)
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/", self.counted("/", self.page)),
+            Route("/health", self.counted("/health", self.health)),
+            Route("/info", self.counted("/info", self.info)),
+            Route("/metrics", self.counted("/metrics", self.prometheus)),
+            Route("/translate", self.counted("/translate", self.translate), methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+        return Starlette(
+            routes=routes,
+            lifespan=self.lifespan,
+            exception_handlers={HTTPException: http_error, Exception: server_error},
+        )
+
+
+def translations(results: list[Scored], nbest: int) -> dict[str, Any]:
+    """The answer: one entry per sentence; with nbest > 1 each entry is its n-best list."""
+    if nbest == 1:
+        return {
+            "translations": [hyps[0][0] for hyps in results],
+            "scores": [hyps[0][1] for hyps in results],
+        }
+    return {
+        "translations": [[text for text, _ in hyps] for hyps in results],
+        "scores": [[score for _, score in hyps] for hyps in results],
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the body has {declared} bytes; at most {limit} are accepted")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"the body has more than {limit} bytes, the most accepted")
+    return bytes(body)
+
+
+def error(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    # Starlette raises the exception again once this answer is sent: uvicorn logs its traceback.
+    return error(500, f"internal error ({type(exc).__name__}); the server goes on")

@@ -1,0 +1,280 @@
+"""`mt-serve` as a user meets it: the real server in a subprocess on a free localhost port, serving
+the toy checkpoint (toy_support.py), asked over HTTP.
+
+Two servers start once for the module, side by side: `server` answers every test but the last;
+`draining` waits longer for company (so requests are surely in flight) and is stopped with SIGTERM.
+A full queue and a late answer are provoked in-process, with a decode that waits for a signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from toy_support import run_translate
+
+from transformer_mt.cli.translate import beam_preset
+from transformer_mt.config import DecodeConfig
+from transformer_mt.data.corpus import sha256_file
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from transformer_mt.serve.batcher import Batcher, QueueFullError  # noqa: E402
+from transformer_mt.serve.metrics import ServerMetrics  # noqa: E402
+from transformer_mt.serve.settings import ServeSettings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BOUNDS = ["--max-sentences", "4", "--max-chars", "120", "--max-body-bytes", "2048"]
+START_SECONDS = 120  # a loaded machine imports torch and spaCy slowly
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def call(self, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        """(status, JSON answer or text) of GET `path`, or of POST when there is a body."""
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, payload, kind = response.status, response.read(), response.headers
+        except urllib.error.HTTPError as err:
+            status, payload, kind = err.code, err.read(), err.headers
+        if kind.get_content_type() == "application/json":
+            return status, json.loads(payload)
+        return status, payload.decode()
+
+    def metric(self, name: str) -> float:
+        _, text = self.call("/metrics")
+        (value,) = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+        return float(value)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(checkpoint: Path, log: Path, *options: str) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, str(REPO / "scripts" / "serve.py"), str(checkpoint)]
+    proc = subprocess.Popen(
+        [*command, "--port", str(port), "--log-level", "warning", *options],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+
+
+def wait_until_up(server: ServerProcess) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"mt-serve exited with {server.proc.returncode}: {server.log.read_text()}")
+        try:
+            if server.call("/health") == (200, {"status": "ok"}):
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"mt-serve did not answer within {START_SECONDS} s")
+
+
+def stop(server: ServerProcess) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        server.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def servers(toy, tmp_path_factory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    folder = tmp_path_factory.mktemp("serve")
+    # Requests sent together arrive within a few milliseconds; 100 ms of waiting gathers them.
+    server = start_server(toy.checkpoint, folder / "server.log", "--batch-wait-ms", "100", *BOUNDS)
+    draining = start_server(
+        toy.checkpoint, folder / "draining.log", "--batch-wait-ms", "500", "--log-level", "info"
+    )
+    try:
+        wait_until_up(server)
+        wait_until_up(draining)
+        yield server, draining
+    finally:
+        stop(server)
+        stop(draining)
+
+
+@pytest.fixture
+def server(servers) -> ServerProcess:
+    return servers[0]
+
+
+def translate_cli(capsys, checkpoint: Path, *args: str) -> list[str]:
+    code, out, err = run_translate(capsys, str(checkpoint), *args)
+    assert code == 0, err
+    return out.splitlines()
+
+
+def test_translations_and_scores_equal_mt_translate(server, toy, capsys) -> None:
+    sentences = ["Zwei drei vier.", "", "Zehn neun acht.", " ".join(["drei"] * 23) + "."]
+    expected = translate_cli(capsys, toy.checkpoint, *sentences)
+    status, answer = server.call("/translate", {"text": sentences})
+    assert status == 200 and answer["translations"] == expected
+    assert len(answer["scores"]) == 4 and answer["scores"][1] == 0.0
+
+    rows = translate_cli(capsys, toy.checkpoint, "--beam", "4", "--nbest", "3", "Acht eins.")
+    status, answer = server.call("/translate", {"text": "Acht eins.", "beam_size": 4, "nbest": 3})
+    assert status == 200
+    assert answer["translations"] == [[row.split("\t")[2] for row in rows]]
+    assert [f"{s:.4f}" for s in answer["scores"][0]] == [row.split("\t")[1] for row in rows]
+
+
+def test_info_describes_the_model_the_checkpoint_and_the_defaults(server, toy) -> None:
+    status, info = server.call("/info")
+    assert status == 200
+    assert (info["source_language"], info["target_language"]) == ("de", "en")
+    assert info["vocabulary"] == {"kind": "word", "source_size": 25, "target_size": 25}
+    assert info["model"]["parameters"] == sum(p.numel() for p in toy.model.parameters())
+    assert info["checkpoint"]["sha256"] == sha256_file(toy.checkpoint)
+    preset = beam_preset()  # mt-translate's defaults
+    assert info["decode_defaults"]["beam_size"] == preset.beam_size
+    assert info["decode_defaults"]["length_penalty"] == preset.length_penalty
+    assert info["bounds"]["max_sentences"] == 4 and info["batching"]["enabled"] is True
+
+
+def test_concurrent_requests_share_one_decode(server, toy, capsys) -> None:
+    sentences = ["Eins zwei.", "Drei.", "Vier fünf sechs.", "Sieben.", "Acht neun.", "Zehn."]
+    expected = translate_cli(capsys, toy.checkpoint, *sentences)
+    before = server.metric("mt_shared_decode_requests_total")
+    start = threading.Barrier(len(sentences))
+
+    def ask(sentence: str) -> tuple[int, Any]:
+        start.wait()
+        return server.call("/translate", {"text": sentence})
+
+    with ThreadPoolExecutor(len(sentences)) as pool:
+        answers = list(pool.map(ask, sentences))
+    assert [a["translations"] for _, a in answers] == [[line] for line in expected]
+    assert server.metric("mt_shared_decode_requests_total") >= before + 2
+    assert server.metric("mt_largest_decode_requests") >= 2
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"not json", 400, "the body is not JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (b"{}", 422, '"text" is missing'),
+        (b'{"text": 3}', 422, "must be a string or a list of strings"),
+        (b'{"text": "Eins.", "beam": 5}', 422, 'unknown field "beam"'),
+        (b'{"text": "Eins.", "beam_size": "5"}', 422, '"beam_size" must be an integer'),
+        (b'{"text": "Eins.", "beam_size": 0}', 422, "beam_size must be > 0"),
+        (b'{"text": "Eins.", "beam_size": 2, "nbest": 3}', 422, "nbest=3 exceeds beam_size=2"),
+        (b'{"text": "Eins.", "length_penalty": -1}', 422, "length_penalty must be >= 0"),
+        (json.dumps({"text": ["Eins."] * 5}).encode(), 413, "5 sentences in one request"),
+        (json.dumps({"text": "eins " * 25}).encode(), 413, "sentence 1 has 125 characters"),
+        (json.dumps({"text": ["x"] * 600}).encode(), 413, "more than 2048 bytes"),
+    ],
+)
+def test_every_bound_is_a_json_error_and_the_server_goes_on(server, body, status, message) -> None:
+    got_status, answer = server.call("/translate", raw=body)
+    assert got_status == status and message in answer["error"], answer
+    assert server.call("/translate", {"text": "Zwei.", "beam_size": 1}) == (
+        200,
+        {"translations": ["Two."], "scores": [0.0]},
+    )
+
+
+def test_a_streamed_body_past_the_bound_is_refused(server) -> None:
+    chunks = iter([b'{"text": "', b"x" * 4096, b'"}'])  # no Content-Length: sent chunked
+    status, answer = server.call("/translate", raw=chunks)  # type: ignore[arg-type]
+    assert status == 413 and "more than 2048 bytes" in answer["error"]
+
+
+def test_unknown_routes_and_methods_are_json_errors(server) -> None:
+    assert server.call("/nowhere") == (404, {"error": "GET /nowhere: Not Found"})
+    assert server.call("/translate") == (405, {"error": "GET /translate: Method Not Allowed"})
+
+
+def test_metrics_are_prometheus_text(server) -> None:
+    server.call("/translate", {"text": ["Eins.", "Zwei."]})
+    status, text = server.call("/metrics")
+    assert status == 200
+    assert "# TYPE mt_translate_seconds histogram" in text
+    assert 'mt_requests_total{route="/translate",status="200"}' in text
+    assert server.metric("mt_sentences_total") >= 2
+    assert server.metric("mt_queue_depth") == 0
+    assert server.metric('mt_translate_seconds_bucket{le="+Inf"}') >= 1
+
+
+def test_a_full_queue_and_a_late_answer_are_refused() -> None:
+    """In-process: a decode that waits for a signal keeps the queue full and the clock running."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_decode(sources, decode_cfg):
+        started.set()
+        release.wait(10)
+        return [[("done", 0.0)] for _ in sources]
+
+    settings = ServeSettings(max_queue=2, batch_wait_ms=0)
+    cfg = DecodeConfig()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as model_thread:
+            batcher = Batcher(slow_decode, model_thread, settings, ServerMetrics())
+            batcher.start()
+            first = asyncio.create_task(batcher.submit([[4]], cfg, 10))
+            assert await asyncio.to_thread(started.wait, 10)  # the decode holds the first
+            late = [asyncio.create_task(batcher.submit([[4]], cfg, 0.2)) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            assert batcher.depth == 2
+            with pytest.raises(QueueFullError):
+                await batcher.submit([[4]], cfg, 10)
+            for task in late:
+                with pytest.raises(TimeoutError):
+                    await task
+            release.set()
+            assert await first == [[("done", 0.0)]]
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits(servers) -> None:
+    _, draining = servers
+    sentences = ["Eins.", "Zwei drei.", "Vier."]
+    with ThreadPoolExecutor(len(sentences)) as pool:
+        answers = [pool.submit(draining.call, "/translate", {"text": s}) for s in sentences]
+        deadline = time.monotonic() + 30
+        while draining.metric("mt_in_flight_requests") < len(sentences):
+            assert time.monotonic() < deadline, "the requests never arrived"
+        draining.proc.send_signal(signal.SIGTERM)  # while they wait for company (500 ms)
+        results = [answer.result(60) for answer in answers]
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert [r[1]["translations"] for r in results] == [["One."], ["Two three."], ["Four."]]
+    # uvicorn (0.29 on) ends by raising the signal it caught again, once everything is answered.
+    assert draining.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in draining.log.read_text()
+    with pytest.raises(OSError):
+        draining.call("/health")

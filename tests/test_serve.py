@@ -25,22 +25,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from toy_support import run_translate
 
 from transformer_mt.cli.translate import beam_preset
 from transformer_mt.config import DecodeConfig
 from transformer_mt.data.corpus import sha256_file
+from transformer_mt.data.vocab import BOS, EOS
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from transformer_mt.serve.attention import (  # noqa: E402
+    hooked_weights,
+    join_words,
+    word_groups,
+    word_label,
+)
 from transformer_mt.serve.batcher import Batcher, QueueFullError  # noqa: E402
 from transformer_mt.serve.metrics import ServerMetrics  # noqa: E402
 from transformer_mt.serve.settings import ServeSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDS = ["--max-sentences", "4", "--max-chars", "120", "--max-body-bytes", "2048"]
+BOUNDS += ["--attention-max-tokens", "12"]
 START_SECONDS = 120  # a loaded machine imports torch and spaCy slowly
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -226,6 +236,66 @@ def test_metrics_are_prometheus_text(server) -> None:
     assert server.metric("mt_sentences_total") >= 2
     assert server.metric("mt_queue_depth") == 0
     assert server.metric('mt_translate_seconds_bucket{le="+Inf"}') >= 1
+
+
+def test_attention_of_every_layer_and_head_for_one_sentence(server, toy) -> None:
+    status, maps = server.call("/attention", {"text": "Zwei drei vier."})
+    assert status == 200
+    assert maps["source"] == ["Zwei", "drei", "vier", ".", "<eos>"]
+    assert maps["output"] == ["Two", "three", "four", ".", "<eos>"]
+    assert maps["target_in"] == ["<bos>", "Two", "three", "four", "."]
+    assert (
+        maps["translation"]
+        == server.call("/translate", {"text": "Zwei drei vier."})[1]["translations"][0]
+    )
+    layers, heads = 2, 4  # TOY_MODEL
+    shapes = {kind: np.array(maps[kind]).shape for kind in ("encoder", "decoder", "cross")}
+    assert shapes == {
+        "encoder": (layers, heads, 5, 5),
+        "decoder": (layers, heads, 5, 5),
+        "cross": (layers, heads, 5, 5),
+    }
+    assert np.allclose(np.array(maps["cross"]).sum(-1), 1, atol=1e-3)
+    long_line = " ".join(["eins"] * 12) + "."
+    status, answer = server.call("/attention", {"text": long_line})
+    assert status == 413 and "13 tokens; attention is shown for at most 12" in answer["error"]
+
+
+def test_hooked_weights_are_the_model_s_own(toy) -> None:
+    """The hooks read what the model computes: the last layer's mean cross-attention is
+    `model.cross_attention`, and decoder self-attention never looks ahead."""
+    src = torch.tensor([[5, 6, 7, EOS]])
+    tgt_in = torch.tensor([[BOS, 8, 9]])
+    with torch.inference_mode():
+        found = hooked_weights(toy.model, src, tgt_in)
+        expected = toy.model.cross_attention(src, tgt_in)[0]
+    assert [len(found[kind]) for kind in ("encoder", "decoder", "cross")] == [2, 2, 2]
+    assert np.allclose(found["cross"][-1].mean(axis=0), expected.numpy(), atol=1e-6)
+    for weights in found["decoder"]:
+        assert np.all(np.triu(weights, k=1) == 0)
+
+
+def test_subword_pieces_join_into_words() -> None:
+    pieces = ["▁Ein", "▁Rad", "fahr", "er", "▁.", "<eos>"]
+    groups = word_groups(pieces, subword=True)
+    assert groups == [[0], [1, 2, 3], [4], [5]]
+    assert [word_label(pieces, g) for g in groups] == ["Ein", "Radfahrer", ".", "<eos>"]
+    rng = np.random.default_rng(0)
+    weights = rng.random((2, 3, 6, 6))
+    weights /= weights.sum(-1, keepdims=True)
+    joined = join_words(weights, groups, groups)
+    assert joined.shape == (2, 3, 4, 4)
+    assert np.allclose(joined.sum(-1), 1)  # a word's row still sums to 1
+    assert np.isclose(joined[0, 0, 1, 0], weights[0, 0, 1:4, 0].mean())
+
+
+def test_the_page_and_its_files_are_served(server) -> None:
+    status, page = server.call("/")
+    assert status == 200 and '<script src="/static/app.js">' in page
+    for name in ("app.js", "style.css"):
+        status, text = server.call(f"/static/{name}")
+        assert status == 200 and len(text) > 100
+    assert "http" not in page.replace("http-equiv", "")  # no CDN: the page works offline
 
 
 def test_a_full_queue_and_a_late_answer_are_refused() -> None:

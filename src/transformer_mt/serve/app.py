@@ -27,10 +27,11 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from transformer_mt.errors import ConfigError
 from transformer_mt.serve.batcher import Batcher, QueueFullError
 from transformer_mt.serve.engine import Engine, Scored
 from transformer_mt.serve.metrics import ServerMetrics
-from transformer_mt.serve.requests import RequestError, parse_translate
+from transformer_mt.serve.requests import RequestError, parse_attention, parse_translate
 from transformer_mt.serve.settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -133,6 +134,27 @@ class Server:
             self.metrics.in_flight -= 1
             self.metrics.latency.observe(time.monotonic() - started)
 
+    async def attention(self, request: Request) -> Response:
+        started = time.monotonic()
+        body = await read_body(request, self.settings.max_body_bytes)
+        text, words = parse_attention(body, self.settings)
+        loop = asyncio.get_running_loop()
+        (ids,) = await loop.run_in_executor(self.engine.text_thread, self.engine.encode, [text])
+        limit = self.settings.attention_max_tokens
+        if len(ids) > limit:
+            raise RequestError(
+                413, f"the sentence has {len(ids)} tokens; attention is shown for at most {limit}"
+            )
+        left = self.settings.timeout_s - (time.monotonic() - started)
+        job = loop.run_in_executor(self.engine.model_thread, self.engine.attention, ids, words)
+        try:
+            maps = await asyncio.wait_for(job, left)
+        except TimeoutError:
+            return error(503, f"no answer within {self.settings.timeout_s:g} s; retry later", 1)
+        except ConfigError as err:
+            return error(422, str(err))
+        return JSONResponse(maps)
+
     def app(self) -> Starlette:
         routes = [
             Route("/", self.counted("/", self.page)),
@@ -140,6 +162,7 @@ class Server:
             Route("/info", self.counted("/info", self.info)),
             Route("/metrics", self.counted("/metrics", self.prometheus)),
             Route("/translate", self.counted("/translate", self.translate), methods=["POST"]),
+            Route("/attention", self.counted("/attention", self.attention), methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
         return Starlette(

@@ -17,6 +17,7 @@ from typing import Any
 from transformer_mt.config import DecodeConfig
 from transformer_mt.data.corpus import sha256_file
 from transformer_mt.inference.translator import Translator, decode_ids, ids_to_text
+from transformer_mt.serve.attention import attention_maps, in_words
 
 Scored = list[tuple[str, float]]  # a sentence's n-best list: (translation, score), best first
 
@@ -48,6 +49,14 @@ class Engine:
             [(ids_to_text(h.tokens, t.tgt_vocab, t.detokenizer), h.score) for h in hyps]
             for hyps in nbest
         ]
+
+    def attention(self, source_ids: Sequence[int], words: bool) -> dict[str, Any]:
+        """Every layer's and head's attention for one sentence, over pieces or over words
+        (call on `model_thread`)."""
+        maps = attention_maps(self.translator, source_ids)
+        if words:
+            maps = in_words(maps, self.translator.src_subword is not None)
+        return maps.as_json()
 
     def info(self) -> dict[str, Any]:
         """Languages, vocabulary, model size, decoding defaults and which checkpoint this is."""

@@ -111,13 +111,18 @@ def decode_settings(defaults: DecodeConfig, overrides: dict[str, Any]) -> Decode
         raise RequestError(422, str(err).replace("decode.", "")) from None
 
 
-def parse_attention(body: bytes, settings: ServeSettings) -> str:
-    """`POST /attention`: `{"text": "one sentence"}`."""
+def parse_attention(body: bytes, settings: ServeSettings) -> tuple[str, bool]:
+    """`POST /attention`: `{"text": "one sentence", "words"?: bool}` -> (sentence, words)."""
     fields = json_object(body)
-    unknown = sorted(set(fields) - {"text"})
+    unknown = sorted(set(fields) - {"text", "words"})
     if unknown:
-        raise RequestError(422, f'unknown field "{unknown[0]}": /attention takes "text" only')
+        raise RequestError(
+            422, f'unknown field "{unknown[0]}": /attention takes "text" and "words"'
+        )
     text = fields.get("text")
     if not isinstance(text, str):
         raise RequestError(422, '"text" must be one sentence (a string)')
-    return parse_text(text, settings, 1)[0]
+    words = fields.get("words", False)
+    if not isinstance(words, bool):
+        raise RequestError(422, '"words" must be true or false')
+    return parse_text(text, settings, 1)[0], words

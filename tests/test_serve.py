@@ -3,12 +3,12 @@ the toy checkpoint (toy_support.py), asked over HTTP.
 
 Two servers start once for the module, side by side: `server` answers every test but the last;
 `draining` waits longer for company (so requests are surely in flight) and is stopped with SIGTERM.
-A full queue and a late answer are provoked in-process, with a decode that waits for a signal.
+A full queue and a late answer are provoked in-process: the same app on uvicorn in a thread, with
+an engine whose decode waits for a signal.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -38,14 +38,15 @@ from transformer_mt.data.vocab import BOS, EOS
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+import uvicorn  # noqa: E402
+
+from transformer_mt.serve.app import Server  # noqa: E402
 from transformer_mt.serve.attention import (  # noqa: E402
     hooked_weights,
     join_words,
     word_groups,
     word_label,
 )
-from transformer_mt.serve.batcher import Batcher, QueueFullError  # noqa: E402
-from transformer_mt.serve.metrics import ServerMetrics  # noqa: E402
 from transformer_mt.serve.settings import ServeSettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +58,10 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @dataclass
-class ServerProcess:
-    proc: subprocess.Popen
+class Client:
+    """HTTP calls to a server at `url`, with urllib: what any user's script would do."""
+
     url: str
-    log: Path
 
     def call(self, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
         """(status, JSON answer or text) of GET `path`, or of POST when there is a body."""
@@ -81,6 +82,12 @@ class ServerProcess:
         return float(value)
 
 
+@dataclass
+class ServerProcess(Client):
+    proc: subprocess.Popen
+    log: Path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,7 +103,7 @@ def start_server(checkpoint: Path, log: Path, *options: str) -> ServerProcess:
         stderr=log.open("w"),
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    return ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+    return ServerProcess(f"http://127.0.0.1:{port}", proc, log)
 
 
 def wait_until_up(server: ServerProcess) -> None:
@@ -298,37 +305,65 @@ def test_the_page_and_its_files_are_served(server) -> None:
     assert "http" not in page.replace("http-equiv", "")  # no CDN: the page works offline
 
 
-def test_a_full_queue_and_a_late_answer_are_refused() -> None:
-    """In-process: a decode that waits for a signal keeps the queue full and the clock running."""
-    started, release = threading.Event(), threading.Event()
+class HeldEngine:
+    """An engine whose decode waits until `release` is set: a stand-in for a slow model."""
 
-    def slow_decode(sources, decode_cfg):
-        started.set()
-        release.wait(10)
+    def __init__(self) -> None:
+        self.defaults = DecodeConfig()
+        self.model_thread = ThreadPoolExecutor(1)
+        self.text_thread = ThreadPoolExecutor(1)
+        self.decoding, self.release = threading.Event(), threading.Event()
+
+    def encode(self, lines):
+        return [[4] for _ in lines]
+
+    def decode(self, sources, decode_cfg):
+        self.decoding.set()
+        self.release.wait(10)
         return [[("done", 0.0)] for _ in sources]
 
-    settings = ServeSettings(max_queue=2, batch_wait_ms=0)
-    cfg = DecodeConfig()
+    def close(self) -> None:
+        self.release.set()
+        self.model_thread.shutdown()
+        self.text_thread.shutdown()
 
-    async def scenario() -> None:
-        with ThreadPoolExecutor(1) as model_thread:
-            batcher = Batcher(slow_decode, model_thread, settings, ServerMetrics())
-            batcher.start()
-            first = asyncio.create_task(batcher.submit([[4]], cfg, 10))
-            assert await asyncio.to_thread(started.wait, 10)  # the decode holds the first
-            late = [asyncio.create_task(batcher.submit([[4]], cfg, 0.2)) for _ in range(2)]
-            await asyncio.sleep(0.05)
-            assert batcher.depth == 2
-            with pytest.raises(QueueFullError):
-                await batcher.submit([[4]], cfg, 10)
-            for task in late:
-                with pytest.raises(TimeoutError):
-                    await task
-            release.set()
-            assert await first == [[("done", 0.0)]]
-            await batcher.stop()
 
-    asyncio.run(scenario())
+def test_a_busy_server_answers_503_and_recovers() -> None:
+    """In-process, on a held engine: a full queue and a late answer are 503s, then it serves."""
+    engine = HeldEngine()
+    settings = ServeSettings(port=free_port(), max_queue=1, timeout_s=0.5, batch_wait_ms=0)
+    app = Server(engine, settings).app()  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    client = Client(f"http://127.0.0.1:{settings.port}")
+    try:
+        wait_for(lambda: server.started)
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(client.call, "/translate", {"text": "eins"})
+            assert engine.decoding.wait(10)  # the decode holds the first request
+            queued = pool.submit(client.call, "/translate", {"text": "zwei"})
+            wait_for(lambda: client.metric("mt_queue_depth") == 1)
+            status, answer = client.call("/translate", {"text": "drei"})
+            assert status == 503 and "too many requests waiting" in answer["error"]
+            for late in (held, queued):  # one held by the decode, one in the queue, past 0.5 s
+                status, answer = late.result(10)
+                assert status == 503 and "no translation within 0.5 s" in answer["error"]
+            engine.release.set()
+        assert client.call("/translate", {"text": "vier"}) == (
+            200,
+            {"translations": ["done"], "scores": [0.0]},
+        )
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "waited in vain"
+        time.sleep(0.01)
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits(servers) -> None:

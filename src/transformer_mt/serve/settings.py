@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from transformer_mt.errors import ConfigError
@@ -50,4 +49,3 @@ def flag(name: str) -> str:
 
 
 DEFAULTS = ServeSettings()
-FIELDS = {f.name: f for f in dataclasses.fields(ServeSettings)}

@@ -30,6 +30,7 @@ import pytest
 import torch
 from toy_support import run_translate
 
+from transformer_mt.cli import serve as serve_cli
 from transformer_mt.cli.translate import beam_preset
 from transformer_mt.config import DecodeConfig
 from transformer_mt.data.corpus import sha256_file
@@ -303,6 +304,23 @@ def test_the_page_and_its_files_are_served(server) -> None:
         status, text = server.call(f"/static/{name}")
         assert status == 200 and len(text) > 100
     assert "http" not in page.replace("http-equiv", "")  # no CDN: the page works offline
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-queue", "0"], "--max-queue must be at least 1 (got 0)"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be in [0, 1000]"),
+        (["--timeout", "0"], "--timeout must be > 0 seconds"),
+        (["--beam", "0"], "--beam must be at least 1"),  # mt-translate's own check
+    ],
+)
+def test_bad_options_are_one_line_errors(toy, capsys, options, message) -> None:
+    with pytest.raises(SystemExit) as done:
+        serve_cli.main([str(toy.checkpoint), *options])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 class HeldEngine:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transformer_mt.config import DecodeConfig
@@ -35,7 +35,6 @@ class TranslateRequest:
 
     lines: list[str]
     decode_cfg: DecodeConfig
-    overrides: dict[str, Any] = field(default_factory=dict)  # what the request asked for
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -100,7 +99,7 @@ def parse_translate(
         raise RequestError(422, 'the field "text" is missing')
     lines = parse_text(fields["text"], settings, settings.max_sentences)
     overrides = parse_decode(fields)
-    return TranslateRequest(lines, decode_settings(defaults, overrides), overrides)
+    return TranslateRequest(lines, decode_settings(defaults, overrides))
 
 
 def decode_settings(defaults: DecodeConfig, overrides: dict[str, Any]) -> DecodeConfig:

@@ -366,7 +366,7 @@ def test_a_busy_server_answers_503_and_recovers() -> None:
             assert status == 503 and "too many requests waiting" in answer["error"]
             for late in (held, queued):  # one held by the decode, one in the queue, past 0.5 s
                 status, answer = late.result(10)
-                assert status == 503 and "no translation within 0.5 s" in answer["error"]
+                assert status == 503 and "no answer within 0.5 s" in answer["error"]
             engine.release.set()
         assert client.call("/translate", {"text": "vier"}) == (
             200,

@@ -113,29 +113,34 @@ class Server:
         started = time.monotonic()
         self.metrics.in_flight += 1
         try:
-            body = await read_body(request, self.settings.max_body_bytes)
-            req = parse_translate(body, self.settings, self.engine.defaults)
-            loop = asyncio.get_running_loop()
-            sources = await loop.run_in_executor(
-                self.engine.text_thread, self.engine.encode, req.lines
-            )
-            left = self.settings.timeout_s - (time.monotonic() - started)
-            try:
-                results = await self.batcher.submit(sources, req.decode_cfg, left)
-            except QueueFullError:
-                return error(503, "the server is busy: too many requests waiting; retry later", 1)
-            except TimeoutError:
-                return error(
-                    503, f"no translation within {self.settings.timeout_s:g} s; retry later", 1
-                )
-            self.metrics.sentences += len(req.lines)
-            return JSONResponse(translations(results, req.decode_cfg.nbest))
+            # One clock for the whole request: reading, tokenizing, queueing and decoding.
+            async with asyncio.timeout(self.settings.timeout_s):
+                return await self.translated(request)
+        except QueueFullError:
+            return error(503, "the server is busy: too many requests waiting; retry later", 1)
+        except TimeoutError:
+            return self.too_late()
         finally:
             self.metrics.in_flight -= 1
             self.metrics.latency.observe(time.monotonic() - started)
 
+    async def translated(self, request: Request) -> Response:
+        body = await read_body(request, self.settings.max_body_bytes)
+        req = parse_translate(body, self.settings, self.engine.defaults)
+        loop = asyncio.get_running_loop()
+        sources = await loop.run_in_executor(self.engine.text_thread, self.engine.encode, req.lines)
+        results = await self.batcher.submit(sources, req.decode_cfg)
+        self.metrics.sentences += len(req.lines)
+        return JSONResponse(translations(results, req.decode_cfg.nbest))
+
     async def attention(self, request: Request) -> Response:
-        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                return await self.attended(request)
+        except TimeoutError:
+            return self.too_late()
+
+    async def attended(self, request: Request) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
         text, words = parse_attention(body, self.settings)
         loop = asyncio.get_running_loop()
@@ -145,15 +150,16 @@ class Server:
             raise RequestError(
                 413, f"the sentence has {len(ids)} tokens; attention is shown for at most {limit}"
             )
-        left = self.settings.timeout_s - (time.monotonic() - started)
-        job = loop.run_in_executor(self.engine.model_thread, self.engine.attention, ids, words)
         try:
-            maps = await asyncio.wait_for(job, left)
-        except TimeoutError:
-            return error(503, f"no answer within {self.settings.timeout_s:g} s; retry later", 1)
-        except ConfigError as err:
-            return error(422, str(err))
+            maps = await loop.run_in_executor(
+                self.engine.model_thread, self.engine.attention, ids, words
+            )
+        except ConfigError as err:  # an RNN checkpoint
+            raise RequestError(422, str(err)) from None
         return JSONResponse(maps)
+
+    def too_late(self) -> Response:
+        return error(503, f"no answer within {self.settings.timeout_s:g} s; retry later", 1)
 
     def app(self) -> Starlette:
         routes = [

@@ -74,18 +74,16 @@ class Batcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
-    async def submit(
-        self, sources: list[list[int]], decode_cfg: DecodeConfig, timeout_s: float
-    ) -> list[Scored]:
-        """n-best lists of `sources`; QueueFullError at once when the queue is full,
-        TimeoutError when no answer came within `timeout_s`."""
+    async def submit(self, sources: list[list[int]], decode_cfg: DecodeConfig) -> list[Scored]:
+        """n-best lists of `sources`; QueueFullError at once when the queue is full. A caller
+        that stops waiting (a timeout) cancels the job's future, and the job is dropped."""
         job = Job(sources, decode_cfg, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFullError from None
         self.arrival.set()
-        return await asyncio.wait_for(job.future, timeout_s)  # a late job's future is cancelled
+        return await job.future
 
     async def run(self) -> None:
         while True:

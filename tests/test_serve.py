@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ pytest.importorskip("uvicorn")
 
 import uvicorn  # noqa: E402
 
-from transformer_mt.serve.app import Server  # noqa: E402
+from transformer_mt.serve.app import STATIC, Server  # noqa: E402
 from transformer_mt.serve.attention import (  # noqa: E402
     hooked_weights,
     join_words,
@@ -321,6 +322,26 @@ def test_bad_options_are_one_line_errors(toy, capsys, options, message) -> None:
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="the page check runs its script in node")
+def test_the_page_translates_as_you_type_and_draws_the_chosen_attention(server) -> None:
+    """The page's script, driven in node with a stand-in DOM (tests/page_driver.js)."""
+    driver = [str(REPO / "tests" / "page_driver.js"), server.url, str(STATIC / "app.js")]
+    result = subprocess.run(["node", *driver], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["model"].startswith("de → en: transformer")
+    source = ["Zwei", "drei", "vier", ".", "<eos>"]
+    cross = seen["cross"]
+    assert cross["status"] == ""
+    (first,), (second,) = cross["translations"]  # score, then translation
+    assert first.endswith("Two three four.") and second.endswith("One.")
+    assert cross["rows"] == ["Two", "three", "four", ".", "<eos>"] and cross["columns"] == source
+    assert np.allclose(np.sum(cross["cells"], axis=1), 1, atol=0.01)  # the mean of the heads
+    assert (cross["layers"], cross["heads"]) == (2, ["mean", "0", "1", "2", "3"])
+    assert [len(lines) for lines in seen["nbest"]["translations"]] == [2, 2]
+    assert seen["encoder"]["rows"] == seen["encoder"]["columns"] == source
 
 
 class HeldEngine:

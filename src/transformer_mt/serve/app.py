@@ -5,7 +5,7 @@
     GET  /info        languages, vocabulary, model size, decoding defaults, checkpoint, bounds
     GET  /metrics     Prometheus text: requests, sentences, errors, queue depth, latency
     POST /translate   {"text": str | [str], "beam_size"?, "length_penalty"?, "nbest"?}
-    POST /attention   {"text": str}: every layer's and head's attention for one sentence
+    POST /attention   {"text": str, "words"?: bool}: all attention weights of one sentence
 
 Every refusal is `{"error": "..."}` with its status (400, 404, 405, 413, 422, 503); a bug is a 500
 with the same shape, logged with its traceback, and the server goes on serving.

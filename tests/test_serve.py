@@ -33,9 +33,12 @@ from toy_support import run_translate
 
 from transformer_mt.cli import serve as serve_cli
 from transformer_mt.cli.translate import beam_preset
-from transformer_mt.config import DecodeConfig
+from transformer_mt.config import DecodeConfig, ModelConfig
 from transformer_mt.data.corpus import sha256_file
 from transformer_mt.data.vocab import BOS, EOS
+from transformer_mt.errors import ConfigError
+from transformer_mt.inference.translator import Translator
+from transformer_mt.model import build_model
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -44,6 +47,7 @@ import uvicorn  # noqa: E402
 
 from transformer_mt.serve.app import STATIC, Server  # noqa: E402
 from transformer_mt.serve.attention import (  # noqa: E402
+    attention_maps,
     hooked_weights,
     join_words,
     word_groups,
@@ -282,6 +286,16 @@ def test_hooked_weights_are_the_model_s_own(toy) -> None:
     assert np.allclose(found["cross"][-1].mean(axis=0), expected.numpy(), atol=1e-6)
     for weights in found["decoder"]:
         assert np.all(np.triu(weights, k=1) == 0)
+
+
+def test_attention_maps_need_a_transformer(toy) -> None:
+    rnn_cfg = ModelConfig(name="rnn", arch="rnn", d_model=16, enc_layers=1, dec_layers=1)
+    rnn = build_model(rnn_cfg, len(toy.src_vocab), len(toy.tgt_vocab))
+    translator = Translator(
+        rnn, toy.src_vocab, toy.tgt_vocab, "de", "en", False, DecodeConfig(), torch.device("cpu")
+    )
+    with pytest.raises(ConfigError, match="attention maps need a Transformer checkpoint"):
+        attention_maps(translator, [5, 6])
 
 
 def test_subword_pieces_join_into_words() -> None:

@@ -100,6 +100,10 @@ async function main() {
   page.head.value = "1";
   page.head.fire("change");
   seen.encoder = shown();
+  page.words.checked = true;
+  page.words.fire("change"); // asks for the attention again, over words
+  await until(() => !pending, "the attention over words");
+  seen.words = shown();
   console.log(JSON.stringify(seen));
 }
 

@@ -365,6 +365,7 @@ def test_the_page_translates_as_you_type_and_draws_the_chosen_attention(server) 
     assert (cross["layers"], cross["heads"]) == (2, ["mean", "0", "1", "2", "3"])
     assert [len(lines) for lines in seen["nbest"]["translations"]] == [2, 2]
     assert seen["encoder"]["rows"] == seen["encoder"]["columns"] == source
+    assert seen["words"]["rows"] == source  # a word vocabulary: its tokens are the words
 
 
 class HeldEngine:

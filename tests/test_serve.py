@@ -102,12 +102,13 @@ def free_port() -> int:
 def start_server(checkpoint: Path, log: Path, *options: str) -> ServerProcess:
     port = free_port()
     command = [sys.executable, str(REPO / "scripts" / "serve.py"), str(checkpoint)]
-    proc = subprocess.Popen(
-        [*command, "--port", str(port), "--log-level", "warning", *options],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    with log.open("w") as stderr:  # the server writes to its own copy of the file
+        proc = subprocess.Popen(
+            [*command, "--port", str(port), "--log-level", "warning", *options],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     return ServerProcess(f"http://127.0.0.1:{port}", proc, log)
 
 

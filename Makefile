@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is pinned to the CPU build these machines carry; a GPU machine may bring its own.
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,sweep,export]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,sweep,export,serve]"
 	@touch $(STAMP)
 
 setup: $(STAMP)

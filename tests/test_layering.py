@@ -19,7 +19,7 @@ LAYERS = (
     ("checkpoint",),  # the file format of a trained model
     ("inference",),  # search, Translator, export
     ("train",),  # the training job
-    ("cli", "configs"),  # entry points and their Hydra configs
+    ("cli", "configs", "serve"),  # entry points, their Hydra configs, the HTTP server
 )
 LAZY_ALLOWED = {"__init__.py"}  # `from transformer_mt import Translator` without importing torch
 

@@ -263,6 +263,10 @@ class TrainerConfig:
     init_optimizer: bool = False  # ... or keep its Adam moments (a checkpoint with training state)
     accumulate: int = 1  # gradient accumulation: optimizer step every N batches
     compile: bool = False  # torch.compile the model
+    # Target tokens whose output projection and loss are computed at a time in the training step
+    # (train/loss.py, backward_in_chunks): same loss and gradients, smaller peak memory; 0 = the
+    # whole batch at once. Not under torchrun or trainer.compile, which take the whole batch.
+    loss_chunk_tokens: int = 0
     # bf16 autocast. None: on wherever the device computes bf16 natively (CUDA; a CPU with
     # AVX512-BF16 or AMX), off elsewhere. True on a CPU without bf16 support is an error.
     amp: bool | None = None
@@ -292,6 +296,7 @@ class TrainerConfig:
                 "raise trainer.keep_last"
             )
         _positive("trainer.accumulate", self.accumulate)
+        _non_negative("trainer.loss_chunk_tokens", self.loss_chunk_tokens)
         _positive("trainer.log_every", self.log_every)
         _non_negative("trainer.num_samples", self.num_samples)
         _positive("trainer.val_batch_size", self.val_batch_size)

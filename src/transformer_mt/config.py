@@ -254,7 +254,9 @@ class TrainerConfig:
     patience: int = 6
     monitor: str = "val_bleu"  # val_bleu (higher is better) or val_loss (lower is better)
     keep_last: int = 5  # epoch_<n>.pt files kept
-    average_last: int = 0  # at the end, average the last k epoch_<n>.pt into averaged.pt; 0 = off
+    # At the end, average the last k epoch_<n>.pt into averaged.pt and validate it; best.pt then
+    # holds the better of the average and the best validated weights (on `monitor`). 0 = off.
+    average_last: int = 0
     resume: bool = False  # continue run `run_name` from saved/<run_name>/last.pt
     # Fine-tuning: start this new run from the weights of a checkpoint (its vocabularies and
     # subword models too), with a fresh optimizer, schedule and step count (resuming such a run

@@ -15,6 +15,14 @@ padding) per second.
 - `precision`: ours under four settings, fp32 + SDPA (`fast_attention=true`, no autocast: the
   default before `fast_attention` could pick per device), fp32 + explicit softmax(QKᵀ)V,
   bf16 autocast + SDPA and bf16 autocast + explicit; ratios are against fp32 + SDPA.
+- `step` (CPU): the trainer's own step (train/step.py: label smoothing, clipping, Adam) under
+  the memory settings of STEP_VARIANTS (glibc malloc tuning, `trainer.loss_chunk_tokens`, fused
+  Adam), each variant in a process of its own so that its malloc settings and peak RSS are its
+  own; `--rounds` rounds of one process per variant, the order rotated by one per round. Per
+  variant: tokens/s and tokens per CPU second, minor page faults and the system-time share per
+  step (resource.getrusage over the timed steps), peak RSS (ru_maxrss); medians over rounds and
+  the median of per-round ratios to `today` (no tuning, no chunks). With `--profile` each process
+  also prints a torch.profiler table of three steps on stderr.
 
 The machine may be shared, so timing is paired: the timed steps are cut into windows of
 `--window` steps (default 1 on CPU, 10 on CUDA, where each window ends with a device sync), and
@@ -27,6 +35,9 @@ does not dilute.
     python scripts/bench_train.py --models small,base --device cpu --max-tokens 4096 --steps 12
     python scripts/bench_train.py --compare precision --models small \\
         --model-overrides d_ff=1024,share_embeddings=true --vocab-size 8000 --threads 2
+    python scripts/bench_train.py --compare step --models small --model-overrides \\
+        d_ff=1024,share_embeddings=true,dropout=0.2,activation_dropout=0.0 --vocab-size 8000 \\
+        --max-tokens 2048 --threads 2 --steps 6 --warmup 2 --rounds 3
 
 `--models` takes presets of configs/model/; `--model-overrides key=value,...` changes ModelConfig
 fields of each (checked as Hydra checks them); `--vocab-size N` gives both sides one vocabulary of
@@ -52,6 +63,7 @@ import argparse
 import dataclasses
 import json
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,7 +78,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from transformer_mt.cli.common import report_user_errors
-from transformer_mt.config import ModelConfig, to_dataclass
+from transformer_mt.config import ModelConfig, TrainConfig, to_dataclass
 from transformer_mt.data.vocab import BOS, EOS, PAD
 from transformer_mt.errors import ConfigError
 from transformer_mt.model import Transformer, build_model
@@ -76,7 +88,10 @@ from transformer_mt.model.embedding import (
     output_projection,
     token_embeddings,
 )
-from transformer_mt.train.step import cpu_supports_bf16, use_amp
+from transformer_mt.train.allocator import keep_freed_memory
+from transformer_mt.train.distributed import DistInfo
+from transformer_mt.train.optim import build_optimizer, param_groups
+from transformer_mt.train.step import Step, cpu_supports_bf16, use_amp
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_BF16_PEAK_FLOPS = 989e12  # H100 SXM, dense bf16 (datasheet)
@@ -94,6 +109,10 @@ class Batch:
     @property
     def tgt_tokens(self) -> int:
         return sum(self.tgt_lengths)
+
+    @property
+    def num_tgt_tokens(self) -> int:  # as data.batching.Batch, for the trainer's Step
+        return self.tgt_tokens
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -428,6 +447,130 @@ def profile(trainee: Trainee, batches: list[Batch]) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
 
+# ------------------------------------------------------------------------------------------------
+# --compare step: the trainer's own step (train/step.py) under memory settings, one process each
+
+
+@dataclass
+class StepVariant:
+    """One way to run the trainer's step: malloc tuning, loss chunks, fused Adam."""
+
+    name: str
+    malloc_tuning: bool = False
+    loss_chunk_tokens: int = 0
+    fused_adam: bool = False
+
+
+# The first is the baseline: the step as it was before these settings existed.
+STEP_VARIANTS = (
+    StepVariant("today"),
+    StepVariant("malloc", malloc_tuning=True),
+    StepVariant("chunk512", loss_chunk_tokens=512),
+    StepVariant("chunk512+malloc", malloc_tuning=True, loss_chunk_tokens=512),
+    StepVariant("chunk512+malloc+fused", True, 512, fused_adam=True),
+)
+
+
+def run_step_variant(
+    variant: StepVariant, cfg: ModelConfig, args: argparse.Namespace, vocab: Vocab
+) -> dict[str, float]:
+    """Time `args.steps` steps of the trainer's Step (after `args.warmup`) in this process;
+    return tokens/s and, from getrusage, minor faults and system time per step and peak RSS."""
+    if variant.malloc_tuning and not keep_freed_memory():
+        raise ConfigError("malloc tuning needs glibc")
+    device = torch.device("cpu")
+    amp = use_amp(None, device)
+    train_cfg = TrainConfig(model=cfg)
+    train_cfg.trainer.loss_chunk_tokens = variant.loss_chunk_tokens
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, vocab.src, vocab.tgt).train()
+    optimizer = build_optimizer(model, train_cfg.optim, device)
+    if variant.fused_adam:
+        optimizer = torch.optim.Adam(
+            param_groups(model, train_cfg.optim.weight_decay),
+            lr=5e-4,
+            betas=(0.9, 0.98),
+            eps=1e-9,
+            fused=True,
+        )
+    step = Step(model, optimizer, train_cfg, DistInfo(), device, amp)
+    batches = synthetic_batches(
+        args.warmup + args.steps, args.max_tokens, args.seed, vocab.src, vocab.tgt
+    )
+    for i, batch in enumerate(batches[: args.warmup]):
+        step([batch], i + 1, 5e-4)
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for batch in batches[args.warmup : args.warmup + 3]:
+                step([batch], 1, 5e-4)
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr
+        )
+    timed = batches[args.warmup :]
+    before, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for i, batch in enumerate(timed):
+        step([batch], i + 1, 5e-4)
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {
+        "tokens_per_s": sum(b.tgt_tokens for b in timed) / wall,
+        # CPU time (user + system) is what time-slicing by other jobs on a shared machine dilutes
+        # least: the fairer figure there.
+        "tokens_per_cpu_s": sum(b.tgt_tokens for b in timed) / (user + system),
+        "faults_per_step": (after.ru_minflt - before.ru_minflt) / len(timed),
+        "sys_share": system / (user + system),
+        "peak_rss_gb": after.ru_maxrss * 1024 / 1e9,  # ru_maxrss is in KiB on Linux
+    }
+
+
+def compare_steps(model_name: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Each of STEP_VARIANTS in its own process (so peak RSS and malloc settings are its own),
+    `args.rounds` rounds, the order rotated by one per round; medians over rounds, and the
+    median of per-round ratios to the first variant."""
+    per_round: dict[str, list[dict[str, float]]] = {v.name: [] for v in STEP_VARIANTS}
+    variants = list(STEP_VARIANTS)
+    for r in range(args.rounds):
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            command = [sys.executable, __file__, "--step-variant", variant.name]
+            command += ["--models", model_name, "--model-overrides", args.model_overrides]
+            command += ["--vocab-size", str(args.vocab_size), "--max-tokens", str(args.max_tokens)]
+            command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+            command += ["--threads", str(args.threads), "--seed", str(args.seed)]
+            command += ["--profile"] if args.profile and r == 0 else []
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            if args.profile and r == 0:
+                print(f"\n  profile of {variant.name} (3 steps)\n{done.stderr}")
+            per_round[variant.name].append(json.loads(done.stdout.splitlines()[-1]))
+        line = "  ".join(f"{n} {rows[-1]['tokens_per_s']:5.0f}" for n, rows in per_round.items())
+        print(f"  round {r + 1}: {line} tokens/s", flush=True)
+    base = per_round[STEP_VARIANTS[0].name]
+    summary = {}
+    for name, rows in per_round.items():
+        summary[name] = {
+            key: statistics.median(row[key] for row in rows)
+            for key in rows[0]
+            if key != "peak_rss_gb"
+        }
+        summary[name]["peak_rss_gb"] = max(row["peak_rss_gb"] for row in rows)
+        for key, rate in (("ratio", "tokens_per_s"), ("ratio_cpu", "tokens_per_cpu_s")):
+            summary[name][key] = statistics.median(
+                row[rate] / b[rate] for row, b in zip(rows, base, strict=True)
+            )
+    print(
+        f"\n  {'variant':22s} tokens/s  ÷ today  tokens/CPU s  ÷ today  faults/step  sys share"
+        "  peak RSS GB"
+    )
+    for name, s in summary.items():
+        print(
+            f"  {name:22s} {s['tokens_per_s']:8.0f} {s['ratio']:8.3f} {s['tokens_per_cpu_s']:13.0f}"
+            f" {s['ratio_cpu']:8.3f} {s['faults_per_step']:12.0f} {s['sys_share']:9.1%}"
+            f" {s['peak_rss_gb']:12.2f}"
+        )
+    return summary
+
+
 def load_model_config(name: str, overrides: list[str]) -> ModelConfig:
     """Preset `name` of configs/model/ with `key=value` overrides, typed as Hydra types them."""
     path = ROOT / "configs" / "model" / f"{name}.yaml"
@@ -468,9 +611,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compare",
         default="torch",
-        choices=["torch", "precision"],
+        choices=["torch", "precision", "step"],
         help="torch: ours against torch.nn.Transformer; precision: ours in fp32 / bf16 autocast, "
-        "each with SDPA / explicit attention, against fp32 + SDPA",
+        "each with SDPA / explicit attention, against fp32 + SDPA; step: the trainer's step "
+        "under malloc tuning and loss chunks (CPU), each in its own process",
     )
     parser.add_argument(
         "--models", default="small,base", help="comma-separated presets of configs/model/"
@@ -504,6 +648,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="--compare step: rounds of one process per variant"
+    )
+    parser.add_argument("--step-variant", default=None, help=argparse.SUPPRESS)  # a child's
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every model (dynamic shapes)"
@@ -521,6 +669,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.window = 10 if args.device == "cuda" else 1
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.rounds <= 0:
+        parser.error("--rounds must be > 0")
     if args.compare == "precision" and args.amp is not None:
         parser.error("--amp is for --compare torch; --compare precision times fp32 and bf16")
     needs_bf16 = args.amp or args.compare == "precision"
@@ -537,6 +687,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @report_user_errors
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     overrides = [pair for pair in args.model_overrides.split(",") if pair]
     presets = {name: load_model_config(name, overrides) for name in args.models.split(",")}
     vocab = (
@@ -545,8 +697,11 @@ def main(argv: list[str] | None = None) -> None:
     if vocab.src != vocab.tgt and any(cfg.share_embeddings for cfg in presets.values()):
         raise ConfigError("share_embeddings=true needs one vocabulary: pass --vocab-size N")
     device = torch.device(args.device)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.step_variant is not None:
+        (cfg,) = presets.values()
+        variant = next(v for v in STEP_VARIANTS if v.name == args.step_variant)
+        print(json.dumps(run_step_variant(variant, cfg, args, vocab)))
+        return
     where = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -554,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.compare == "precision":
         precision = "fp32 and bf16 autocast, SDPA and explicit attention"
+    elif args.compare == "step":
+        precision = "bf16 autocast" if use_amp(None, device) else "float32"
     else:
         precision = "bf16 autocast" if args.amp else "float32"
     print(
@@ -561,6 +718,13 @@ def main(argv: list[str] | None = None) -> None:
         f"commit {_commit()}, {precision}; max_tokens={args.max_tokens} steps={args.steps} "
         f"window={args.window} warmup={args.warmup}"
     )
+    if args.compare == "step":
+        if device.type != "cpu":
+            raise ConfigError("--compare step times the CPU step: use --device cpu")
+        steps = {name: compare_steps(name, args) for name in presets}
+        if args.json:
+            args.json.write_text(json.dumps({"commit": _commit(), "results": steps}, indent=2))
+        return
     results = {name: bench_preset(name, cfg, args, vocab, device) for name, cfg in presets.items()}
     baseline = "fp32+SDPA" if args.compare == "precision" else "torch"
     print(

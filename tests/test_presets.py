@@ -33,6 +33,10 @@ def test_cpu_preset_fits_its_time_budget():
     cfg = compose_config(["experiment=cpu"])
     assert cfg.trainer.max_time <= 43  # averaging and start-up fit in the last 2 of 45 minutes
     assert cfg.trainer.amp is None and cfg.model.fast_attention is None  # chosen per machine
+    # No tokens × vocabulary tensor of a whole batch, freed memory kept for the next step.
+    chunk_logits_bytes = cfg.trainer.loss_chunk_tokens * cfg.data.vocab_size * 4  # float32
+    assert 0 < chunk_logits_bytes < 32 * 2**20  # below glibc's largest mmap threshold
+    assert cfg.trainer.malloc_tuning
 
 
 def test_amp_default_follows_the_device(monkeypatch):

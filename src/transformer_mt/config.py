@@ -254,7 +254,9 @@ class TrainerConfig:
     patience: int = 6
     monitor: str = "val_bleu"  # val_bleu (higher is better) or val_loss (lower is better)
     keep_last: int = 5  # epoch_<n>.pt files kept
-    average_last: int = 0  # at the end, average the last k epoch_<n>.pt into averaged.pt; 0 = off
+    # At the end, average the last k epoch_<n>.pt into averaged.pt and validate it; best.pt then
+    # holds the better of the average and the best validated weights (on `monitor`). 0 = off.
+    average_last: int = 0
     resume: bool = False  # continue run `run_name` from saved/<run_name>/last.pt
     # Fine-tuning: start this new run from the weights of a checkpoint (its vocabularies and
     # subword models too), with a fresh optimizer, schedule and step count (resuming such a run
@@ -263,6 +265,13 @@ class TrainerConfig:
     init_optimizer: bool = False  # ... or keep its Adam moments (a checkpoint with training state)
     accumulate: int = 1  # gradient accumulation: optimizer step every N batches
     compile: bool = False  # torch.compile the model
+    # Target tokens whose output projection and loss are computed at a time in the training step
+    # (train/loss.py, backward_in_chunks): same loss and gradients, smaller peak memory; 0 = the
+    # whole batch at once. Not under torchrun or trainer.compile, which take the whole batch.
+    loss_chunk_tokens: int = 0
+    # glibc: serve large tensors from malloc's heap and keep freed memory for the next step
+    # instead of mmapping it afresh each step (train/allocator.py); false = the C library's default.
+    malloc_tuning: bool = True
     # bf16 autocast. None: on wherever the device computes bf16 natively (CUDA; a CPU with
     # AVX512-BF16 or AMX), off elsewhere. True on a CPU without bf16 support is an error.
     amp: bool | None = None
@@ -292,6 +301,7 @@ class TrainerConfig:
                 "raise trainer.keep_last"
             )
         _positive("trainer.accumulate", self.accumulate)
+        _non_negative("trainer.loss_chunk_tokens", self.loss_chunk_tokens)
         _positive("trainer.log_every", self.log_every)
         _non_negative("trainer.num_samples", self.num_samples)
         _positive("trainer.val_batch_size", self.val_batch_size)

@@ -8,6 +8,7 @@ Training, decoding and evaluation code is written against `Seq2Seq` only:
     logits = model.decode(tokens, enc, cache) # tokens (B,1): the new step only; the cache grows
     cache.reorder(idx); enc = enc.index_select(idx)   # beam search bookkeeping
     logits = model(src, tgt_in)               # encode + decode: the training path
+    states = model.features(src, tgt_in)      # (B,T,D) the same before model.output_proj
     attn = model.cross_attention(src, tgt_in) # (B,T,S) for attention plots
 """
 
@@ -53,6 +54,8 @@ class IncrementalCache(Protocol):
 class Seq2Seq(nn.Module, ABC):
     """An encoder-decoder translation model: see the module docstring for the interface."""
 
+    output_proj: nn.Linear  # decoder state (D) -> target vocabulary logits (V)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -77,6 +80,11 @@ class Seq2Seq(nn.Module, ABC):
         """An empty cache for decoding the sources of `enc` step by step."""
 
     @abstractmethod
+    def features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced decoder states (B, T, D) that `output_proj` turns into the logits of
+        `forward`: the training step projects them a slice of tokens at a time."""
+
+    @abstractmethod
     def cross_attention(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Attention weights (B, T, S) of each target position over the source, for plots."""
 
@@ -88,4 +96,4 @@ class Seq2Seq(nn.Module, ABC):
             tgt_in: (B, T) `[BOS] + y`, right-padded with PAD.
             output: (B, T, V) logits predicting `y + [EOS]`.
         """
-        return self.decode(tgt_in, self.encode(src))
+        return self.output_proj(self.features(src, tgt_in))

@@ -168,10 +168,17 @@ class RNNSeq2Seq(Seq2Seq):
 
         Shape: tgt (B, T) -> (B, T, V).
         """
+        return self.output_proj(self._states(tgt, enc, cache))  # (B, T, D) -> (B, T, V)
+
+    def features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Shape: src (B, S), tgt_in (B, T) -> (B, T, D), the decoder's outputs."""
+        return self._states(tgt_in, self.encode(src))
+
+    def _states(self, tgt: Tensor, enc: EncoderOutput, cache: RNNCache | None = None) -> Tensor:
         if cache is None:
             cache = self.init_cache(enc)
         outputs = [self._step(tgt[:, t], enc, cache)[0] for t in range(tgt.size(1))]
-        return self.output_proj(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, D) -> (B,T,V)
+        return self.dropout(torch.stack(outputs, dim=1))  # (B, T, D)
 
     def cross_attention(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Additive attention weights of each teacher-forced step: (B, S), (B, T) -> (B, T, S)."""

@@ -52,6 +52,10 @@ class Transformer(Seq2Seq):
         """
         return self.output_proj(self.decoder(tgt, enc, cache))
 
+    def features(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Shape: src (B, S), tgt_in (B, T) -> (B, T, D), the decoder's output."""
+        return self.decoder(tgt_in, self.encode(src))
+
     def init_cache(self, enc: EncoderOutput) -> DecoderCache:
         """An empty cache; the first decoding step fills the source keys/values from `enc`."""
         return DecoderCache.empty(len(self.decoder.layers))

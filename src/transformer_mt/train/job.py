@@ -22,6 +22,7 @@ from transformer_mt.data.cache import PreparedData
 from transformer_mt.data.dataset import load_or_prepare, wait_for_prepared
 from transformer_mt.errors import ConfigError
 from transformer_mt.train import distributed as dist
+from transformer_mt.train.allocator import keep_freed_memory
 from transformer_mt.train.finetune import InitCheckpoint
 from transformer_mt.train.logging import log_file, write_config
 from transformer_mt.train.rundir import (
@@ -86,6 +87,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             write_config(paths.result / "config.yaml", cfg)
             write_run_id(paths, trainer.checkpoints.run_id)
             _warn_if_slow(cfg, device)
+        if cfg.trainer.malloc_tuning and device.type == "cpu" and keep_freed_memory():
+            log.info("malloc keeps freed memory for reuse (trainer.malloc_tuning=false: off)")
         try:
             return trainer.fit()
         except TrainingInterrupted as stop:

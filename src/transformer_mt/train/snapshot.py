@@ -4,7 +4,8 @@ keep a resumed run the same run.
 `RunCheckpoints` puts a run's model, vocabularies and tokenizer settings into the checkpoint
 format (transformer_mt/checkpoint.py) and writes last.pt and, when due, the epoch copy (the last
 `trainer.keep_last` kept) and best.pt. `check_resumable` refuses a resume that could not continue
-the saved run exactly; `average_epochs` writes averaged.pt at the end of a run.
+the saved run exactly; `average_epochs` writes averaged.pt at the end of a run and makes best.pt
+the better of the average and the best validated checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformer_mt.data.subword import subword_state
 from transformer_mt.errors import CheckpointError
 from transformer_mt.train import distributed as dist
 from transformer_mt.train.finetune import check_weights
-from transformer_mt.train.optim import PlateauSchedule
+from transformer_mt.train.optim import PlateauSchedule, is_improvement
 from transformer_mt.train.rundir import RunPaths, new_run_id
 from transformer_mt.train.state import Progress, rng_state, set_rng_state
 from transformer_mt.train.step import Meter
@@ -208,10 +209,12 @@ def average_epochs(
     k: int,
     model: torch.nn.Module,
     validate: Callable[[torch.nn.Module], Validation],
-    last_bleu: float,
+    monitor: str,
 ) -> dict[str, float] | None:
-    """Average the last `k` epoch checkpoints into averaged.pt, its validation metrics inside;
-    return those metrics (None, with a warning, when fewer than 2 epoch files are kept)."""
+    """Average the last `k` epoch checkpoints into averaged.pt, its validation metrics inside,
+    and make best.pt the better of the average and the best validated checkpoint on `monitor`
+    (averaged.pt stays); return the average's metrics (None, with a warning, when fewer than 2
+    epoch files are kept)."""
     files = paths.epoch_checkpoints()[-k:]
     if len(files) < 2:
         log.warning(
@@ -223,15 +226,37 @@ def average_epochs(
     metrics = payload["metrics"] = validate(model).metrics
     save_checkpoint(payload, paths.averaged)
     log.info(
-        "averaged %s into %s: val loss %.4f, ppl %.2f, BLEU %.2f (last epoch: BLEU %.2f)",
+        "averaged %s into %s: val loss %.4f, ppl %.2f, BLEU %.2f",
         ", ".join(path.name for path in files),
         paths.averaged,
         metrics["val_loss"],
         metrics["val_ppl"],
         metrics["val_bleu"],
-        last_bleu,
     )
+    keep_the_better(paths, metrics, monitor)
     return metrics
+
+
+def keep_the_better(paths: RunPaths, averaged_metrics: dict[str, float], monitor: str) -> bool:
+    """Copy averaged.pt over best.pt when the average validates better on `monitor` than best.pt
+    did (or there is no best.pt); log both scores and the choice; return whether it was copied."""
+    best_score = None
+    if paths.best.is_file():
+        best_score = load_checkpoint(paths.best)["metrics"].get(monitor)
+    averaged_score = averaged_metrics[monitor]
+    better = is_improvement(averaged_score, best_score, monitor)
+    if better:
+        copy_checkpoint(paths.averaged, paths.best)
+    best_text = "none" if best_score is None else f"{best_score:.4g}"
+    log.info(
+        "final checkpoint %s holds the %s weights: %s %.4g averaged, %s best validated",
+        paths.best,
+        "averaged" if better else "best validated",
+        monitor,
+        averaged_score,
+        best_text,
+    )
+    return better
 
 
 def rank_state(meter: Meter, device: torch.device) -> dict[str, Any]:

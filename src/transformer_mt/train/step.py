@@ -2,6 +2,11 @@
 
     lr → forward (autocast) → loss per target token → backward → clip → Adam → zero_grad
 
+With `trainer.loss_chunk_tokens` the forward stops at the decoder states, and the output
+projection, the loss and their backward run a slice of target tokens at a time (see
+`loss.backward_in_chunks`): the same loss and gradients, without any tokens × vocabulary tensor
+of the whole batch.
+
 The loss of a step is normalised by the target tokens of the whole step (every accumulated batch,
 every rank), so each token weighs the same however the step was split. Nothing here syncs with
 the host: losses, the gradient norm and the first non-finite step stay on the device until the
@@ -23,7 +28,7 @@ from transformer_mt.config import TrainConfig
 from transformer_mt.data.batching import Batch
 from transformer_mt.errors import ConfigError
 from transformer_mt.train import distributed as dist
-from transformer_mt.train.loss import token_loss_sum
+from transformer_mt.train.loss import backward_in_chunks, token_loss_sum
 from transformer_mt.train.optim import set_lr
 
 
@@ -87,6 +92,7 @@ class Step:
         self.model, self.optimizer = model, optimizer
         self.info, self.device, self.amp = info, device, amp
         self.cfg, self.skip_nonfinite = cfg.optim, cfg.trainer.skip_nonfinite
+        self.chunk_tokens = cfg.trainer.loss_chunk_tokens
         # What the step calls: the model under DistributedDataParallel and/or torch.compile.
         self.ddp, self.train_model = None, model
         if info.enabled:
@@ -111,11 +117,7 @@ class Step:
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             with self._gradient_sync(i == len(batches) - 1):
-                with self.autocast():
-                    logits = self.train_model(batch.src, batch.tgt_in)
-                    loss_sum = token_loss_sum(logits, batch.tgt_out, self.cfg.label_smoothing)
-                (loss_sum * scale).backward()
-            step_loss += loss_sum.detach()
+                step_loss += self._forward_backward(batch, scale)
         clip = self.cfg.clip_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if self.skip_nonfinite and not torch.isfinite(grad_norm):  # a host sync, only when asked
@@ -127,6 +129,29 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         self.grad_norm = grad_norm.detach()
         return step_loss
+
+    def _forward_backward(self, batch: Batch, scale: float) -> torch.Tensor:
+        """Accumulate the gradients of `scale` × the batch's summed loss; return that sum.
+
+        In chunks only where the step calls the bare model: DDP and torch.compile need the whole
+        forward to go through their wrapper.
+        """
+        if self.chunk_tokens and self.train_model is self.model:
+            with self.autocast():
+                states = self.model.features(batch.src, batch.tgt_in)
+
+            def project(rows: torch.Tensor) -> torch.Tensor:
+                with self.autocast():
+                    return self.model.output_proj(rows)
+
+            return backward_in_chunks(
+                states, project, batch.tgt_out, self.cfg.label_smoothing, scale, self.chunk_tokens
+            )
+        with self.autocast():
+            logits = self.train_model(batch.src, batch.tgt_in)
+            loss_sum = token_loss_sum(logits, batch.tgt_out, self.cfg.label_smoothing)
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
 
     def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """DDP all-reduces gradients on the last batch of a step only."""

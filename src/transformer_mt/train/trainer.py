@@ -416,11 +416,12 @@ class Trainer(snapshot.Resumable):
         self.report.end(self.cfg, self.info.world_size, self.progress, self.metrics, averaged)
 
     def average(self) -> dict[str, float] | None:
-        """Average the last `trainer.average_last` epoch checkpoints into averaged.pt; validate it."""
+        """Average the last `trainer.average_last` epoch checkpoints into averaged.pt; validate
+        it; best.pt becomes the better of it and the best validated checkpoint."""
         model = build_model(self.cfg.model, len(self.data.src_vocab), len(self.data.tgt_vocab))
-        k, last_bleu = self.cfg.trainer.average_last, self.metrics["val_bleu"]
+        tc = self.cfg.trainer
         metrics = snapshot.average_epochs(
-            self.paths, k, model.to(self.device), self.validate, last_bleu
+            self.paths, tc.average_last, model.to(self.device), self.validate, tc.monitor
         )
         if metrics is not None:
             self.report.scalars("averaged", metrics, self.progress.step)

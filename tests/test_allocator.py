@@ -1,0 +1,47 @@
+"""`trainer.malloc_tuning`: with glibc told to keep freed memory, a large tensor allocated again
+after it was freed reuses the pages already faulted in (each case runs in its own process, whose
+malloc settings it changes)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+from train_support import subprocess_env
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+
+PROGRAM = """
+import json, resource, sys
+import torch
+from transformer_mt.train.allocator import keep_freed_memory
+tuned = keep_freed_memory() if sys.argv[1] == "tuned" else False
+for _ in range(6):  # the heap grows to hold it
+    torch.ones(64 * 2**20 // 4)  # 64 MB, above glibc's largest mmap threshold; freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):  # the steady state, as from one training step to the next
+    torch.ones(64 * 2**20 // 4)
+print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def faults(mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRAM, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=subprocess_env(),
+    ).stdout
+    return json.loads(out)
+
+
+def test_kept_memory_is_faulted_in_once_not_on_every_allocation():
+    pages = 64 * 2**20 // 4096
+    default, tuned = faults("default"), faults("tuned")
+    assert tuned["tuned"] is True
+    assert default["faults"] > 5 * pages  # mmapped afresh and faulted in each time
+    assert tuned["faults"] < 2 * pages  # faulted in once, reused five times

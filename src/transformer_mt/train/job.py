@@ -87,7 +87,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             write_config(paths.result / "config.yaml", cfg)
             write_run_id(paths, trainer.checkpoints.run_id)
             _warn_if_slow(cfg, device)
-        if cfg.trainer.malloc_tuning and device.type == "cpu" and keep_freed_memory():
+        # Not under torchrun: there the whole batch's logits go through DDP (no loss chunks), and
+        # a heap that keeps them grew each rank by 300-700 MB over 100 steps (docs/benchmarks.md).
+        tune = cfg.trainer.malloc_tuning and device.type == "cpu" and not info.enabled
+        if tune and keep_freed_memory():
             log.info("malloc keeps freed memory for reuse (trainer.malloc_tuning=false: off)")
         try:
             return trainer.fit()

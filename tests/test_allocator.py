@@ -22,7 +22,7 @@ tuned = keep_freed_memory() if sys.argv[1] == "tuned" else False
 for _ in range(6):  # the heap grows to hold it
     torch.ones(64 * 2**20 // 4)  # 64 MB, above glibc's largest mmap threshold; freed at once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(6):  # the steady state, as from one training step to the next
+for _ in range(20):  # the steady state, as from one training step to the next
     torch.ones(64 * 2**20 // 4)
 print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
 """
@@ -43,5 +43,6 @@ def test_kept_memory_is_faulted_in_once_not_on_every_allocation():
     pages = 64 * 2**20 // 4096
     default, tuned = faults("default"), faults("tuned")
     assert tuned["tuned"] is True
-    assert default["faults"] > 5 * pages  # mmapped afresh and faulted in each time
-    assert tuned["faults"] < 2 * pages  # faulted in once, reused five times
+    assert default["faults"] > 19 * pages  # mmapped afresh and faulted in each time
+    # Reused: faulted in again now and then (seen: at most 3 times of 20), not every time.
+    assert tuned["faults"] < 8 * pages

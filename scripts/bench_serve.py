@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_lines(path: str) -> list[str]:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        lines = [line.strip() for line in handle if line.strip()]
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        sys.exit(f"error: cannot read {path}: {err}")
     if not lines:
         sys.exit(f"error: {path} has no sentences")
     return lines

@@ -29,6 +29,7 @@ import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 START_SECONDS = 180
@@ -51,15 +52,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def fail(message: str) -> NoReturn:
+    """A one-line error on stderr and exit status 2, as the project's commands do."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_lines(path: str) -> list[str]:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             lines = [line.strip() for line in handle if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
-        sys.exit(f"error: cannot read {path}: {err}")
+        fail(f"cannot read {path}: {err}")
     if not lines:
-        sys.exit(f"error: {path} has no sentences")
+        fail(f"{path} has no sentences")
     return lines
 
 
@@ -150,14 +157,14 @@ def started_server(checkpoint: str, options: list[str]) -> tuple[subprocess.Pope
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"error: mt-serve exited with status {proc.returncode}")
+            fail(f"mt-serve exited with status {proc.returncode}")
         try:
             Client(url).get("/health")
             return proc, url
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    sys.exit(f"error: mt-serve did not answer within {START_SECONDS} s")
+    fail(f"mt-serve did not answer within {START_SECONDS} s")
 
 
 def modes(args: argparse.Namespace) -> Iterator[tuple[str, str]]:

@@ -269,8 +269,9 @@ class TrainerConfig:
     # (train/loss.py, backward_in_chunks): same loss and gradients, smaller peak memory; 0 = the
     # whole batch at once. Not under torchrun or trainer.compile, which take the whole batch.
     loss_chunk_tokens: int = 0
-    # glibc: serve large tensors from malloc's heap and keep freed memory for the next step
-    # instead of mmapping it afresh each step (train/allocator.py); false = the C library's default.
+    # glibc, one process on a CPU (not under torchrun): serve large tensors from malloc's heap and
+    # keep freed memory for the next step instead of mmapping it afresh each step
+    # (train/allocator.py); false = the C library's default.
     malloc_tuning: bool = True
     # bf16 autocast. None: on wherever the device computes bf16 natively (CUDA; a CPU with
     # AVX512-BF16 or AMX), off elsewhere. True on a CPU without bf16 support is an error.

@@ -155,10 +155,6 @@ class Sentences(Sequence):
         self.count = len(offsets) - 1 if count is None else min(count, len(offsets) - 1)
 
     @classmethod
-    def from_offsets(cls, ids, offsets) -> Sentences:
-        return cls(ids, offsets)
-
-    @classmethod
     def from_lists(cls, seqs: Sequence[Sequence[int]]) -> Sentences:
         """Sentences held in memory (small data, tests)."""
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
@@ -495,7 +491,7 @@ class MappedSplits(Mapping):
             offsets = ArrayFile(array_path(self.path, name, side, "offsets"))
             if len(offsets) == 0 or offsets[-1] != len(ids):
                 raise ValueError(f"{name}.{side}: its offsets do not match its ids")
-            sides.append(Sentences.from_offsets(ids, offsets))
+            sides.append(Sentences(ids, offsets))
         if len(sides[0]) != len(sides[1]):
             raise ValueError(f"{name}: {len(sides[0])} source but {len(sides[1])} target sentences")
         split = SplitData(name, *sides)

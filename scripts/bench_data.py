@@ -29,18 +29,20 @@ the benchmark measures, each command in a subprocess of its own run with this ch
     evaluate     `mt-evaluate split=test decode=beam` of that run's checkpoint against the cache
     torchrun     with --nproc 2: the same training under `torchrun --nproc_per_node=2`, per rank
 
-and once per size the limits of one core: spaCy's tokenizer alone over the training lines
-(`Tokenizer(lang).pipe`, both sides), and SentencePiece encoding alone of those tokens with the
-bpe cache's model. Training validates on the first --val-lines lines of Multi30k's validation
+and once per size the limits of the cores: spaCy's tokenizer alone over the training lines
+(`Tokenizer(lang).pipe`, both sides) on one core, and SentencePiece encoding alone of those
+tokens with the bpe cache's model; then (with more than one worker) the tokenizer in two
+processes at once, one per core, whose summed pairs/s is the limit two workers are compared with. Training validates on the first --val-lines lines of Multi30k's validation
 set (and evaluation reads the first --test-lines of test_2016_flickr, default all), so that
 decoding with a barely trained model does not dominate the runs; these files are part of every
 prepared cache's key. --quick shortens everything to check that the script works.
 
-Results go to --out (JSON: the figures, the commit, date, CPU and core count) and a Markdown table
-beside it (.md), printed at the end; --plot draws time and memory against corpus size. Run it on
-an otherwise idle machine: every figure is wall time or resident memory. A command that fails is
-recorded with its error and the rest goes on. Corpora and caches in --work are removed size by
-size unless --keep.
+--prepare-only stops each size after its preparations (and the limits). Results go to --out
+(JSON: the figures, the commit, date, CPU and core count) and a Markdown table beside it (.md),
+printed at the end; --plot draws time and memory against corpus size. Run it on an otherwise
+idle machine: every figure is wall time or resident memory. A command that fails is recorded
+with its error and the rest goes on. Corpora and caches in --work are removed size by size
+unless --keep.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ print(json.dumps({
 LIMITS_SNIPPET = r"""
 import itertools, json, os, sys, time
 settings = json.loads(sys.argv[1])
-os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+os.sched_setaffinity(0, {settings["core"]})  # one core
 from transformer_mt.data.tokenize import Tokenizer
 sp = None
 if settings["cache"]:  # the prepared cache's SentencePiece model (joint: both sides)
@@ -143,6 +145,10 @@ if settings["cache"]:  # the prepared cache's SentencePiece model (joint: both s
     from transformer_mt.data.dataset import load_prepared
     model = load_prepared(to_dataclass(DataConfig, settings["cache"])).src_subword.to_bytes()
     sp = spm.SentencePieceProcessor(model_proto=model)
+if settings.get("start_at"):  # set up first, then start with the other process
+    for lang in settings["langs"]:
+        Tokenizer(lang, settings["lowercase"])
+    time.sleep(max(settings["start_at"] - time.time(), 0))
 tokenize_seconds = encode_seconds = 0.0
 lines = tokens = pieces = 0
 for path, lang in zip(settings["files"], settings["langs"]):
@@ -530,8 +536,44 @@ class Bench:
             "cache": cache,
             "max_lines": self.args.limit_lines,
         }
-        command = [sys.executable, "-c", LIMITS_SNIPPET, json.dumps(settings)]
-        return measure(command, self.work / "logs" / f"limits-{label}.log", self.env)
+        cores = sorted(os.sched_getaffinity(0))
+        command = [sys.executable, "-c", LIMITS_SNIPPET, json.dumps(settings | {"core": cores[0]})]
+        result = measure(command, self.work / "logs" / f"limits-{label}.log", self.env)
+        if len(cores) > 1 and max(self.args.workers) > 1:
+            result["together"] = self.limits_together(label, settings, cores[:2])
+        return result
+
+    def limits_together(
+        self, label: str, settings: dict[str, Any], cores: list[int]
+    ) -> dict[str, Any]:
+        """The tokenizer alone in two processes at once, one per core, each over the same lines:
+        the limit of two busy cores (two cores of a VM rarely run two processes at twice the
+        speed of one). SentencePiece is left out."""
+        print("  the tokenizer on two cores at once", flush=True)
+        logs = [self.work / "logs" / f"limits-{label}-core{core}.log" for core in cores]
+        procs = []
+        start_at = time.time() + 30  # both set up by then (spaCy's languages take seconds)
+        for core, log in zip(cores, logs, strict=True):
+            one = json.dumps(settings | {"core": core, "cache": None, "start_at": start_at})
+            with open(log, "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", LIMITS_SNIPPET, one],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=self.env,
+                        cwd=log.parent,
+                    )
+                )
+        rates = []
+        for proc, log in zip(procs, logs, strict=True):
+            proc.wait()
+            last = log.read_text(errors="replace").strip().splitlines()[-1:]
+            if proc.returncode != 0 or not last or not last[0].startswith("{"):
+                return {"ok": False, "reason": f"see {log}"}
+            rates.append(json.loads(last[0])["tokenize_pairs_per_s"])
+        print(f"    {sum(rates):,.0f} pairs/s in all ({', '.join(f'{r:,.0f}' for r in rates)})")
+        return {"ok": True, "cores": cores, "pairs_per_s": rates, "total_pairs_per_s": sum(rates)}
 
     def one(self, label: str, folder: Path, pairs: int, vocab: str) -> dict[str, Any]:
         print(f"{label} pairs, vocab {vocab}", flush=True)
@@ -547,6 +589,8 @@ class Bench:
         row["cache_mb"] = ready[0]["cache_mb"]
         for other in ready[1:]:
             shutil.rmtree(other["root"], ignore_errors=True)
+        if self.args.prepare_only:
+            return row
         row["load"] = self.load(label, self.data_settings(folder, vocab, root), vocab)
         overrides = self.data_overrides(folder, vocab, root)
         row["train"] = self.train(label, overrides, vocab, 1)
@@ -570,7 +614,7 @@ class Bench:
                 if vocab != "word" and row.get("cache_root") and subword_cache is None:
                     subword_cache = self.data_settings(folder, vocab, Path(row["cache_root"]))
                 write_json(self.args.out, results)
-            print(f"{label} pairs: limits of one core", flush=True)
+            print(f"{label} pairs: limits of the cores", flush=True)
             info["limits"] = self.limits(label, folder, subword_cache)
             write_json(self.args.out, results)
             if not self.args.keep:
@@ -631,6 +675,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "test_lines": args.test_lines,
         "nproc": args.nproc,
         "limit_lines": args.limit_lines,
+        "prepare_only": args.prepare_only,
         "subword_sample": args.subword_sample,
     }
 
@@ -671,6 +716,8 @@ def markdown(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         limits = (results["corpora"].get(row["size"], {}).get("limits") or {}).get("output") or {}
         limit_rate = limits.get("tokenize_pairs_per_s")
+        info = results["corpora"].get(row["size"], {}).get("limits") or {}
+        together = (_ok(info.get("together")) or {}).get("total_pairs_per_s")
         for workers, p in row["prepare"].items():
             if not p["ok"]:
                 reason = p.get("reason", "").replace("|", "/")[:90]
@@ -680,7 +727,10 @@ def markdown(results: dict[str, Any]) -> str:
                 )
                 continue
             rate = row["pairs"] / p["seconds"]
-            share = 100 * rate / (int(workers) * limit_rate) if limit_rate else None
+            if int(workers) > 1 and together:
+                share = 100 * rate / together  # the limit of the two cores, measured busy
+            else:
+                share = 100 * rate / (int(workers) * limit_rate) if limit_rate else None
             lines.append(
                 f"| {row['pairs']:,} | {row['vocab']} | {workers} | {p['seconds']:.1f} | {rate:,.0f} "
                 f"| {p['tree_peak_rss_mib']:,.0f} | {p['tree_peak_pss_mib']:,.0f} "
@@ -735,18 +785,26 @@ def markdown(results: dict[str, Any]) -> str:
                 )
     lines += [
         "",
-        "**Limits of one core** (spaCy's tokenizer alone on both sides of the training lines; "
-        "SentencePiece encoding alone of those tokens with the bpe cache's model)",
+        "**Limits of the cores** (spaCy's tokenizer alone on both sides of the training lines; "
+        "SentencePiece encoding alone of those tokens with the bpe cache's model, on one core; "
+        "two cores: the tokenizer in two processes at once, one per core, pairs/s summed. The % of the "
+        "limit above divides by one core's rate times the workers, or with two workers by the "
+        "two cores' rate when it was measured)",
         "",
-        "| pairs | text MB | tokenizer s | tokenizer pairs/s | SentencePiece s | SentencePiece pairs/s |",
-        "|---|---|---|---|---|---|",
+        "| pairs | text MB | tokenizer s | tokenizer pairs/s | SentencePiece s "
+        "| SentencePiece pairs/s | tokenizer pairs/s, two cores |",
+        "|---|---|---|---|---|---|---|",
     ]
     for info in results["corpora"].values():
         out = (_ok(info.get("limits")) or {}).get("output") or {}
+        together = (_ok((info.get("limits") or {}).get("together")) or {}).get("pairs_per_s")
+        both = "-"
+        if together:
+            both = f"{sum(together):,.0f} ({' + '.join(f'{r:,.0f}' for r in together)})"
         lines.append(
             f"| {info['pairs']:,} | {info['text_mb']} | {_fmt(out.get('tokenize_seconds'), 1)} "
             f"| {_fmt(out.get('tokenize_pairs_per_s'))} | {_fmt(out.get('encode_seconds'), 1)} "
-            f"| {_fmt(out.get('encode_pairs_per_s'))} |"
+            f"| {_fmt(out.get('encode_pairs_per_s'))} | {both} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -855,6 +913,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the corpora and caches")
     parser.add_argument("--out", type=Path, default=Path("bench_data.json"))
     parser.add_argument("--plot", type=Path, help="PNG of time and memory against size")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="measure the preparations and limits only"
+    )
     parser.add_argument("--quick", action="store_true", help=f"a check: {QUICK}")
     parser.add_argument("--report", type=Path, help="only redo the table and plot of this JSON")
     args = parser.parse_args()

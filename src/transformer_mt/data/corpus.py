@@ -374,26 +374,43 @@ def parallel_chunks(
     is not UTF-8 (with the line number), files of different lengths (naming both files and both
     counts; found when the shorter one ends), or with `allow_empty=False` an empty file.
     """
-    src_chunks = line_chunks(src_path, chunk_lines)
-    tgt_chunks = line_chunks(tgt_path, chunk_lines)
+    for src_text, tgt_text, _ in parallel_text_chunks(src_path, tgt_path, chunk_lines, allow_empty):
+        yield split_text(src_text), split_text(tgt_text)
+
+
+def parallel_text_chunks(
+    src_path: str | os.PathLike,
+    tgt_path: str | os.PathLike,
+    chunk_lines: int = CHUNK_LINES,
+    allow_empty: bool = True,
+) -> Iterator[tuple[str, str, int]]:
+    """`parallel_chunks` as (source text, target text, pairs): each text is its lines, every one
+    ended by "\n" (see `text_chunks`), cheaper to pass to another process than a list of lines."""
+    src_chunks = text_chunks(src_path, chunk_lines)
+    tgt_chunks = text_chunks(tgt_path, chunk_lines)
     src_count = tgt_count = 0
     while True:
-        src_chunk = next(src_chunks, [])
-        tgt_chunk = next(tgt_chunks, [])
-        src_count += len(src_chunk)
-        tgt_count += len(tgt_chunk)
-        if len(src_chunk) != len(tgt_chunk):
-            src_count += sum(len(chunk) for chunk in src_chunks)
-            tgt_count += sum(len(chunk) for chunk in tgt_chunks)
+        src_text, src_lines = next(src_chunks, ("", 0))
+        tgt_text, tgt_lines = next(tgt_chunks, ("", 0))
+        src_count += src_lines
+        tgt_count += tgt_lines
+        if src_lines != tgt_lines:
+            src_count += sum(lines for _, lines in src_chunks)
+            tgt_count += sum(lines for _, lines in tgt_chunks)
             raise DataError(
                 f"{src_path} has {src_count} lines but {tgt_path} has {tgt_count}: "
                 "line i of the source file must translate line i of the target file"
             )
-        if not src_chunk:
+        if not src_lines:
             break
-        yield src_chunk, tgt_chunk
+        yield src_text, tgt_text, src_lines
     if not allow_empty and src_count == 0:
         raise DataError(f"{src_path} is empty: this split needs at least one sentence pair")
+
+
+def split_text(text: str) -> list[str]:
+    """The lines of a text whose every line ends with "\n" (what `text_chunks` yields)."""
+    return text.split("\n")[:-1]
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
@@ -402,9 +419,19 @@ def read_lines(path: str | os.PathLike) -> list[str]:
 
 
 def line_chunks(path: str | os.PathLike, chunk_lines: int = CHUNK_LINES) -> Iterator[list[str]]:
-    """The lines of a gzip or plain UTF-8 file, without line endings, `chunk_lines` at a time.
+    """The lines of a gzip or plain UTF-8 file, without line endings, `chunk_lines` at a time."""
+    for text, _ in text_chunks(path, chunk_lines):
+        yield split_text(text)
 
-    Lines end at "\n" only ("\r\n" loses its "\r"; a lone "\r" stays in the line).
+
+def text_chunks(
+    path: str | os.PathLike, chunk_lines: int = CHUNK_LINES
+) -> Iterator[tuple[str, int]]:
+    """The text of a gzip or plain UTF-8 file, `chunk_lines` lines at a time, and how many.
+
+    Each line of a chunk ends with "\n", the last line of the file included; lines end at "\n"
+    only ("\r\n" loses its "\r"; a lone "\r" stays in the line). A chunk is decoded as one
+    text: a line at a time only to name the line that is not UTF-8.
     """
     path = Path(path)
     try:
@@ -432,17 +459,24 @@ def line_chunks(path: str | os.PathLike, chunk_lines: int = CHUNK_LINES) -> Iter
                 return
             if number == 0 and raw[0].startswith(b"\xef\xbb\xbf"):
                 raw[0] = raw[0][3:]
-            yield [_decode(line, path, number + i + 1) for i, line in enumerate(raw)]
+            try:
+                text = b"".join(raw).decode("utf-8").replace("\r\n", "\n")
+            except UnicodeDecodeError:
+                _name_the_bad_line(raw, path, number)
+                raise
+            if not text.endswith("\n"):  # the file's last line
+                text += "\n"
+            yield text, len(raw)
             number += len(raw)
 
 
-def _decode(line: bytes, path: Path, number: int) -> str:
-    if line.endswith(b"\n"):
-        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}, line {number}: not UTF-8 text (byte 0x{line[err.start]:02x}); "
-            "convert the file to UTF-8"
-        ) from None
+def _name_the_bad_line(raw: list[bytes], path: Path, before: int) -> None:
+    """Raise the DataError that names the first line of `raw` that is not UTF-8."""
+    for i, line in enumerate(raw):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{path}, line {before + i + 1}: not UTF-8 text (byte 0x{line[err.start]:02x}); "
+                "convert the file to UTF-8"
+            ) from None

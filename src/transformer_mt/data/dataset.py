@@ -5,7 +5,7 @@ numericalized into memory-mapped arrays.
 of `data.workers` processes (workers.py) and writes the prepared cache `<data.root>/cache/<key>/`
 (its layout and key: cache.py). Two passes, each a pipeline of chunks, results kept in order:
 
-    1. read a chunk of pairs -> spaCy tokens (workers) -> clean (train) -> append to a token file,
+    1. read a chunk of pairs (as text) -> spaCy tokens (workers) -> clean (train) -> append to a token file,
        count word tokens (word vocabularies)
     2. vocabularies: the word counts, or a SentencePiece model trained on a uniform sample of at
        most `data.subword_sample` training sentences (all of them when the corpus is smaller)
@@ -52,8 +52,9 @@ from transformer_mt.data.cache import (
 from transformer_mt.data.corpus import (
     SplitFiles,
     corpus_files,
-    parallel_chunks,
+    parallel_text_chunks,
     remember_checksums,
+    split_text,
 )
 from transformer_mt.data.subword import Subword
 from transformer_mt.data.tokenize import check_language
@@ -110,6 +111,7 @@ def _prepare(
                     name: _tokenize_split(name, pair, pool, tokens, counting)
                     for name, pair in files.items()
                 }
+            log.info("tokenized every split in %.1f s", time.perf_counter() - started)
             counts = {name: split.counts for name, split in tokenized.items()}
             # 2. The vocabularies.
             subwords = None
@@ -123,6 +125,7 @@ def _prepare(
                 subwords = _train_subwords(cfg, tokens, counts["train"]["pairs"], workers)
                 src_vocab, tgt_vocab = subwords[0].vocab(), subwords[1].vocab()
             # 3. Ids of every split, appended chunk by chunk.
+            encoding = time.perf_counter()
             dtypes = (ids_dtype(len(src_vocab)), ids_dtype(len(tgt_vocab)))
             state = None if subwords is None else (cfg.vocab, *(s.to_bytes() for s in subwords))
             args = (src_vocab.to_list(), tgt_vocab.to_list(), state, tuple(map(str, dtypes)))
@@ -130,6 +133,7 @@ def _prepare(
                 for name in files:
                     for side, dtype in zip(("src", "tgt"), dtypes, strict=True):
                         _encode_side(name, side, dtype, pool, tokens, building)
+            log.info("encoded every split's ids in %.1f s", time.perf_counter() - encoding)
             _write_vocabularies(building, src_vocab, tgt_vocab, subwords)
             for name, split in tokenized.items():
                 if split.text is not None:
@@ -175,15 +179,15 @@ def _tokenize_split(
     result = _Tokenized()
     if not train:
         result.text = {"src": [], "ref": []}
-    chunks = parallel_chunks(pair.src, pair.tgt, allow_empty=name not in ("train", "val"))
+    chunks = parallel_text_chunks(pair.src, pair.tgt, allow_empty=name not in ("train", "val"))
 
-    def tasks() -> Iterator[tuple[list[str], list[str], bool, bool]]:
-        for src_lines, tgt_lines in chunks:
-            lines[0] += len(src_lines)
+    def tasks() -> Iterator[tuple[str, str, bool, bool]]:
+        for src_text, tgt_text, count in chunks:
+            lines[0] += count
             if result.text is not None:
-                result.text["src"] += src_lines
-                result.text["ref"] += tgt_lines
-            yield src_lines, tgt_lines, train, counting and train
+                result.text["src"] += split_text(src_text)
+                result.text["ref"] += split_text(tgt_text)
+            yield src_text, tgt_text, train, counting and train
 
     lines = [0]
     pairs = dropped = filtered = 0

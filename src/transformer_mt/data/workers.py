@@ -5,7 +5,7 @@ of plain data and return plain data, so that they run the same in the preparing 
 (`data.workers=1`) or in a pool of worker processes. Each process sets its tools up once
 (`start_tokenizing`, `start_encoding`) and keeps them in `_tools`.
 
-    tokenize_chunk(src_lines, tgt_lines, clean)  -> TokenizedChunk   spaCy, then (train) filtering
+    tokenize_chunk(src_text, tgt_text, clean)    -> TokenizedChunk   spaCy, then (train) filtering
     encode_chunk(token_text, side)                -> (ids, lengths)   SentencePiece or word ids
 
 A token line is a sentence's tokens joined by single spaces (spaCy never puts a space inside a
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from transformer_mt.data.corpus import split_text
 from transformer_mt.data.subword import Subword
 from transformer_mt.data.tokenize import Tokenizer
 from transformer_mt.data.vocab import UNK, Vocab
@@ -74,12 +75,13 @@ def start_tokenizing(src_lang: str, tgt_lang: str, lowercase: bool, max_len: int
     _tools["max_len"] = max_len
 
 
-def tokenize_chunk(task: tuple[list[str], list[str], bool, bool]) -> TokenizedChunk:
-    """spaCy tokens of a chunk of pairs. With `clean` (the training split) pairs with an empty side
-    or longer than max_len tokens are left out and counted; with `count`, tokens are counted."""
-    src_lines, tgt_lines, clean, count = task
-    src_tokens = list(_tools["src"].pipe(src_lines))
-    tgt_tokens = list(_tools["tgt"].pipe(tgt_lines))
+def tokenize_chunk(task: tuple[str, str, bool, bool]) -> TokenizedChunk:
+    """spaCy tokens of a chunk of pairs, given as the two sides' texts (lines each ended by
+    "\n"). With `clean` (the training split) pairs with an empty side or longer than max_len
+    tokens are left out and counted; with `count`, tokens are counted."""
+    src_text, tgt_text, clean, count = task
+    src_tokens = list(_tools["src"].pipe(split_text(src_text)))
+    tgt_tokens = list(_tools["tgt"].pipe(split_text(tgt_text)))
     chunk = TokenizedChunk("", "", 0)
     if clean:
         max_len = _tools["max_len"]

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup data train test lint bench clean-venv
+.PHONY: setup data train test lint browser clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ train: setup
 # One worker process per core (pytest-xdist); a module's tests stay together. ARGS="-n 0": serial.
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
+
+# The browser that the page test of mt-serve drives (tests/test_serve.py; it skips without one):
+# Debian's Chromium, installed with apt-get as root (sudo otherwise). Playwright comes with .[dev].
+browser: setup
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+	@chromium --version
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -4,7 +4,9 @@ Starts the server on a free localhost port for each mode (batching on, then `--n
 with the same checkpoint and settings, and sends one-sentence requests from 1, 8 and 32 client
 threads (each with its own keep-alive connection) until `--requests` have been answered at each
 level. Reports sentences per second, p50 / p95 latency and the mean number of requests each
-decode held (from the server's /metrics).
+decode held (from the server's /metrics), and after each mode the server's peak RSS (VmHWM).
+`--sentences-per-request N` sends N lines in each request instead of one (the same peak RSS
+for 1 and for the bound of 64 says that memory follows the bounds, not the traffic).
 
     python scripts/bench_serve.py saved/<run>/best.pt --input data/multi30k/test_2016_flickr.de.gz
     python scripts/bench_serve.py CKPT --input test.de --clients 1,8 --requests 64 --beam 1
@@ -43,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", default="1,8,32", help="concurrency levels (default: 1,8,32)")
     parser.add_argument("--requests", type=int, default=256, help="requests per level")
     parser.add_argument("--beam", type=int, help="beam size of the requests (default: server's)")
+    parser.add_argument(
+        "--sentences-per-request", type=int, default=1, help="lines sent in each request"
+    )
     parser.add_argument(
         "--server-args", default="", help='more mt-serve options, e.g. "--batch-wait-ms 10"'
     )
@@ -105,9 +110,11 @@ def metric(url: str, name: str) -> float:
     raise RuntimeError(f"/metrics has no {name}")
 
 
-def run_level(url: str, sentences: list[str], clients: int, requests: int, beam: int | None):
-    """(sentences/s, p50 s, p95 s, requests per decode) of `requests` one-sentence requests
-    sent by `clients` threads at once."""
+def run_level(
+    url: str, sentences: list[str], clients: int, requests: int, beam: int | None, per: int = 1
+):
+    """(sentences/s, p50 s, p95 s, requests per decode) of `requests` requests of `per`
+    sentences each, sent by `clients` threads at once."""
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -120,7 +127,8 @@ def run_level(url: str, sentences: list[str], clients: int, requests: int, beam:
                     index = next(counter, None)
                 if index is None:
                     return
-                body = {"text": sentences[index % len(sentences)]}
+                first = index * per
+                body = {"text": [sentences[(first + k) % len(sentences)] for k in range(per)]}
                 if beam is not None:
                     body["beam_size"] = beam
                 start = time.perf_counter()
@@ -138,7 +146,8 @@ def run_level(url: str, sentences: list[str], clients: int, requests: int, beam:
     seconds = time.perf_counter() - start
     decodes = metric(url, "mt_decodes_total") - decodes
     cuts = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
-    return requests / seconds, statistics.median(latencies), cuts[18], requests / max(decodes, 1)
+    rate = requests * per / seconds
+    return rate, statistics.median(latencies), cuts[18], requests / max(decodes, 1)
 
 
 def free_port() -> int:
@@ -167,16 +176,17 @@ def started_server(checkpoint: str, options: list[str]) -> tuple[subprocess.Pope
     fail(f"mt-serve did not answer within {START_SECONDS} s")
 
 
-def modes(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
-    """(name, url) of each server to measure; a started server is stopped after its turn."""
+def modes(args: argparse.Namespace) -> Iterator[tuple[str, str, int | None]]:
+    """(name, url, pid) of each server to measure (pid None: not started here); a started server
+    is stopped after its turn."""
     if args.url:
-        yield "as running", args.url.rstrip("/")
+        yield "as running", args.url.rstrip("/"), None
         return
     extra = args.server_args.split()
     for name, options in (("batching on", extra), ("batching off", [*extra, "--no-batching"])):
         proc, url = started_server(args.checkpoint, options)
         try:
-            yield name, url
+            yield name, url, proc.pid
         finally:
             proc.terminate()
             proc.wait(60)
@@ -186,16 +196,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sentences = read_lines(args.input)
     levels = [int(n) for n in args.clients.split(",")]
-    print(f"{len(sentences)} sentences; {args.requests} one-sentence requests per level")
+    per = args.sentences_per_request
+    print(f"{len(sentences)} sentences; {args.requests} requests of {per} per level")
     print(f"{'mode':<14}{'clients':>8}{'sent/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'req/decode':>12}")
-    for name, url in modes(args):
+    for name, url, pid in modes(args):
         for clients in levels:
-            rate, p50, p95, shared = run_level(url, sentences, clients, args.requests, args.beam)
+            rate, p50, p95, shared = run_level(
+                url, sentences, clients, args.requests, args.beam, per
+            )
             print(
                 f"{name:<14}{clients:>8}{rate:>10.1f}{p50 * 1000:>10.1f}{p95 * 1000:>10.1f}"
                 f"{shared:>12.2f}",
                 flush=True,
             )
+        if pid is not None:
+            print(f"{name}: server peak RSS {peak_rss_mib(pid):,.0f} MiB", flush=True)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory (VmHWM) of process `pid` so far, in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 if __name__ == "__main__":

@@ -369,6 +369,52 @@ def test_the_page_translates_as_you_type_and_draws_the_chosen_attention(server) 
     assert seen["words"]["rows"] == source  # a word vocabulary: its tokens are the words
 
 
+def chromium_executable() -> str | None:
+    """Debian's Chromium (`make browser` installs it), or the one $MT_CHROMIUM names."""
+    return (
+        os.environ.get("MT_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
+
+
+def test_a_browser_shows_the_translation_as_you_type_and_the_chosen_head(server, tmp_path) -> None:
+    """The page in a real headless Chromium, driven by Playwright: type a sentence, read the
+    translation, pick a layer and a head, and find the heat map's cells are that head's weights."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright is not installed (`make browser` installs it)"
+    )
+    chromium = chromium_executable()
+    if chromium is None:
+        pytest.skip("no Chromium to drive (`make browser` installs Debian's package)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('→')")
+            page.locator("#source").press_sequentially("Zwei drei vier.", delay=20)
+            first = page.locator("#translations li").first
+            sync_api.expect(first).to_contain_text("Two three four.", timeout=30_000)
+            page.locator("#heatmap td.cell").first.wait_for(timeout=30_000)
+            page.select_option("#layer", "1")
+            page.select_option("#head", "2")
+            titles = page.locator("#heatmap td.cell").evaluate_all(
+                "cells => cells.map(cell => cell.title)"
+            )
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+    _, maps = server.call("/attention", {"text": "Zwei drei vier."})
+    weights = np.array(maps["cross"])[1, 2]  # layer 2, head 3 (the page counts from one)
+    assert not np.allclose(weights, np.array(maps["cross"])[0].mean(axis=0), atol=1e-3)
+    assert len(titles) == weights.size == 25
+    shown = np.array([float(title.rsplit(": ", 1)[1]) for title in titles]).reshape(5, 5)
+    assert np.allclose(shown, weights, atol=1e-3)
+    assert titles[0] == f"Two → Zwei: {weights[0, 0]:.3f}"
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
 class HeldEngine:
     """An engine whose decode waits until `release` is set: a stand-in for a slow model."""
 

@@ -43,9 +43,11 @@ def main() -> None:
         page.locator("#source").press_sequentially(args.text, delay=10)
         expect(page.locator("#translations li").first).not_to_be_empty(timeout=60_000)
         page.locator("#heatmap td.cell").first.wait_for(timeout=60_000)
-        page.select_option("#kind", args.kind)
-        page.select_option("#layer", str(args.layer - 1))
-        page.select_option("#head", args.head if args.head == "mean" else str(int(args.head) - 1))
+        # By index (Playwright also matches a value against the labels, which count from 1).
+        kinds = {"cross": 0, "encoder": 1, "decoder": 2}
+        page.select_option("#kind", index=kinds[args.kind])
+        page.select_option("#layer", index=args.layer - 1)
+        page.select_option("#head", index=0 if args.head == "mean" else int(args.head))
         page.screenshot(path=args.out, full_page=True)
         browser.close()
     print(f"wrote {args.out}")

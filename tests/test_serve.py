@@ -397,8 +397,10 @@ def test_a_browser_shows_the_translation_as_you_type_and_the_chosen_head(server,
             first = page.locator("#translations li").first
             sync_api.expect(first).to_contain_text("Two three four.", timeout=30_000)
             page.locator("#heatmap td.cell").first.wait_for(timeout=30_000)
-            page.select_option("#layer", "1")
-            page.select_option("#head", "2")
+            # By index: Playwright matches a value against the labels too, and labels count from 1.
+            page.select_option("#layer", index=1)  # layer 2
+            page.select_option("#head", index=3)  # head 3 (after "mean of heads")
+            assert page.eval_on_selector("#head", "select => select.value") == "2"
             titles = page.locator("#heatmap td.cell").evaluate_all(
                 "cells => cells.map(cell => cell.title)"
             )

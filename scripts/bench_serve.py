@@ -3,10 +3,11 @@
 Starts the server on a free localhost port for each mode (batching on, then `--no-batching`),
 with the same checkpoint and settings, and sends one-sentence requests from 1, 8 and 32 client
 threads (each with its own keep-alive connection) until `--requests` have been answered at each
-level. Reports sentences per second, p50 / p95 latency and the mean number of requests each
-decode held (from the server's /metrics), and after each mode the server's peak RSS (VmHWM).
-`--sentences-per-request N` sends N lines in each request instead of one (the same peak RSS
-for 1 and for the bound of 64 says that memory follows the bounds, not the traffic).
+level (after a few requests that are not counted). Reports sentences per second, p50 / p95
+latency and the mean number of requests each decode held (from the server's /metrics), and after
+each mode the server's peak RSS (VmHWM). `--sentences-per-request N` sends N lines in each
+request instead of one: the peak RSS at two numbers of requests, and with the largest requests
+the bounds allow, shows whether memory follows the bounds or the traffic.
 
     python scripts/bench_serve.py saved/<run>/best.pt --input data/multi30k/test_2016_flickr.de.gz
     python scripts/bench_serve.py CKPT --input test.de --clients 1,8 --requests 64 --beam 1
@@ -35,6 +36,7 @@ from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 START_SECONDS = 180
+WARMUP_REQUESTS = 4  # sent to each server before it is measured, and not counted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(sentences)} sentences; {args.requests} requests of {per} per level")
     print(f"{'mode':<14}{'clients':>8}{'sent/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'req/decode':>12}")
     for name, url, pid in modes(args):
+        run_level(url, sentences, 1, WARMUP_REQUESTS, args.beam, per)  # first calls are slow
         for clients in levels:
             rate, p50, p95, shared = run_level(
                 url, sentences, clients, args.requests, args.beam, per

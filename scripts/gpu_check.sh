@@ -88,7 +88,7 @@ if [[ $dry == 1 ]]; then
   data=(data=custom data.src=en data.tgt=de "data.root=$work/data"
     "data.train=[$c/train.src,$c/train.tgt]" "data.valid=[$c/valid.src,$c/valid.tgt]"
     "data.test=[$c/test.src,$c/test.tgt]" data.vocab_size=40 data.max_tokens=400)
-  train_args=(experiment=gpu model=tiny "${data[@]}" trainer.device=cpu trainer.max_time=0.25 trainer.max_epochs=3
+  train_args=(experiment=gpu model=tiny "${data[@]}" trainer.device=cpu trainer.max_time=0.25 trainer.max_epochs=1
     optim.warmup_steps=20 model.dropout=0.1 "${run[@]}")
   eval_split=test
   train_limit=120

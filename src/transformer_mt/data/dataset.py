@@ -5,8 +5,8 @@ numericalized into memory-mapped arrays.
 of `data.workers` processes (workers.py) and writes the prepared cache `<data.root>/cache/<key>/`
 (its layout and key: cache.py). Two passes, each a pipeline of chunks, results kept in order:
 
-    1. read a chunk of pairs (as text) -> spaCy tokens (workers) -> clean (train) -> append to a token file,
-       count word tokens (word vocabularies)
+    1. read a chunk of pairs (one text a side) -> spaCy tokens (workers) -> clean (train) ->
+       append to a token file, count word tokens (word vocabularies)
     2. vocabularies: the word counts, or a SentencePiece model trained on a uniform sample of at
        most `data.subword_sample` training sentences (all of them when the corpus is smaller)
     3. read a chunk of token lines -> ids (workers) -> append to the split's id arrays

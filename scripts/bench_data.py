@@ -32,10 +32,11 @@ the benchmark measures, each command in a subprocess of its own run with this ch
 and once per size the limits of the cores: spaCy's tokenizer alone over the training lines
 (`Tokenizer(lang).pipe`, both sides) on one core, and SentencePiece encoding alone of those
 tokens with the bpe cache's model; then (with more than one worker) the tokenizer in two
-processes at once, one per core, whose summed pairs/s is the limit two workers are compared with. Training validates on the first --val-lines lines of Multi30k's validation
-set (and evaluation reads the first --test-lines of test_2016_flickr, default all), so that
-decoding with a barely trained model does not dominate the runs; these files are part of every
-prepared cache's key. --quick shortens everything to check that the script works.
+processes at once, one per core, whose summed pairs/s is the limit two workers are compared
+with. Training validates on the first --val-lines lines of Multi30k's validation set (and
+evaluation reads the first --test-lines of test_2016_flickr, default all), so that decoding
+with a barely trained model does not dominate the runs; these files are part of every prepared
+cache's key. --quick shortens everything to check that the script works.
 
 --prepare-only stops each size after its preparations (and the limits). Results go to --out
 (JSON: the figures, the commit, date, CPU and core count) and a Markdown table beside it (.md),
@@ -714,9 +715,8 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
-        limits = (results["corpora"].get(row["size"], {}).get("limits") or {}).get("output") or {}
-        limit_rate = limits.get("tokenize_pairs_per_s")
         info = results["corpora"].get(row["size"], {}).get("limits") or {}
+        limit_rate = (info.get("output") or {}).get("tokenize_pairs_per_s")
         together = (_ok(info.get("together")) or {}).get("total_pairs_per_s")
         for workers, p in row["prepare"].items():
             if not p["ok"]:

@@ -14,9 +14,11 @@ from transformer_mt.data.corpus import (
     SPLITS,
     available_splits,
     corpus_files,
+    line_chunks,
     read_lines,
     read_parallel,
     split_paths,
+    text_chunks,
 )
 from transformer_mt.errors import ConfigError, DataError
 
@@ -61,6 +63,20 @@ def test_text_that_is_not_utf8_names_file_and_line(tmp_path):
     (tmp_path / "latin1.de").write_bytes("gut\nschön\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.de, line 2: not UTF-8"):
         read_lines(tmp_path / "latin1.de")
+
+
+def test_a_bad_line_in_a_later_chunk_is_named_by_its_number_in_the_file(tmp_path):
+    lines = [f"Satz {i}".encode() for i in range(1, 11)]
+    lines[7] = "schön".encode("latin-1")  # line 8: in the third chunk of three lines
+    (tmp_path / "big.de").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"big\.de, line 8: not UTF-8 text \(byte 0xf6\)"):
+        list(line_chunks(tmp_path / "big.de", chunk_lines=3))
+
+
+def test_chunk_texts_end_every_line_and_keep_a_lone_carriage_return(tmp_path):
+    (tmp_path / "f").write_bytes(b"a\r\nb\rc\nd\r\ne\r")
+    assert list(text_chunks(tmp_path / "f", chunk_lines=2)) == [("a\nb\rc\n", 2), ("d\ne\r\n", 2)]
+    assert read_lines(tmp_path / "f") == ["a", "b\rc", "d", "e\r"]
 
 
 def test_missing_and_empty_files(tmp_path):

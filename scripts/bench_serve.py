@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.url is None):
         parser.error("give a checkpoint to serve, or --url of a running server")
+    if args.sentences_per_request < 1 or args.requests < 1:
+        parser.error("--sentences-per-request and --requests must be at least 1")
     return args
 
 

@@ -16,12 +16,12 @@ padding) per second.
   default before `fast_attention` could pick per device), fp32 + explicit softmax(QKᵀ)V,
   bf16 autocast + SDPA and bf16 autocast + explicit; ratios are against fp32 + SDPA.
 - `step` (CPU): the trainer's own step (train/step.py: label smoothing, clipping, Adam) under
-  the memory settings of STEP_VARIANTS (glibc malloc tuning, `trainer.loss_chunk_tokens`, fused
-  Adam), each variant in a process of its own so that its malloc settings and peak RSS are its
+  the settings of STEP_VARIANTS (glibc malloc tuning, `trainer.loss_chunk_tokens`, dropout's
+  mask drawn by F.dropout or by model/dropout.py), each variant in a process of its own so that its malloc settings and peak RSS are its
   own; `--rounds` rounds of one process per variant, the order rotated by one per round. Per
   variant: tokens/s and tokens per CPU second, minor page faults and the system-time share per
   step (resource.getrusage over the timed steps), peak RSS (ru_maxrss); medians over rounds and
-  the median of per-round ratios to `today` (no tuning, no chunks). With `--profile` each process
+  the median of per-round ratios to `today` (no tuning, no chunks, F.dropout). With `--profile` each process
   also prints a torch.profiler table of three steps on stderr.
 
 The machine may be shared, so timing is paired: the timed steps are cut into windows of
@@ -82,6 +82,7 @@ from transformer_mt.config import ModelConfig, TrainConfig, to_dataclass
 from transformer_mt.data.vocab import BOS, EOS, PAD
 from transformer_mt.errors import ConfigError
 from transformer_mt.model import Transformer, build_model
+from transformer_mt.model.dropout import Dropout
 from transformer_mt.model.embedding import (
     Embeddings,
     SinusoidalPositionalEncoding,
@@ -453,21 +454,23 @@ def profile(trainee: Trainee, batches: list[Batch]) -> None:
 
 @dataclass
 class StepVariant:
-    """One way to run the trainer's step: malloc tuning, loss chunks, fused Adam."""
+    """One way to run the trainer's step: malloc tuning, loss chunks, fused Adam, and whether
+    dropout draws its mask with F.dropout (`torch_dropout`) or as model/dropout.py does."""
 
     name: str
     malloc_tuning: bool = False
     loss_chunk_tokens: int = 0
     fused_adam: bool = False
+    torch_dropout: bool = False
 
 
 # The first is the baseline: the step as it was before these settings existed.
 STEP_VARIANTS = (
-    StepVariant("today"),
-    StepVariant("malloc", malloc_tuning=True),
-    StepVariant("chunk512", loss_chunk_tokens=512),
-    StepVariant("chunk512+malloc", malloc_tuning=True, loss_chunk_tokens=512),
-    StepVariant("chunk512+malloc+fused", True, 512, fused_adam=True),
+    StepVariant("today", torch_dropout=True),
+    StepVariant("malloc", malloc_tuning=True, torch_dropout=True),
+    StepVariant("chunk512+malloc", True, 512, torch_dropout=True),
+    StepVariant("dropout"),
+    StepVariant("chunk512+malloc+dropout", True, 512),
 )
 
 
@@ -484,6 +487,10 @@ def run_step_variant(
     train_cfg.trainer.loss_chunk_tokens = variant.loss_chunk_tokens
     torch.manual_seed(args.seed)
     model = build_model(cfg, vocab.src, vocab.tgt).train()
+    if variant.torch_dropout:  # back to nn.Dropout's forward (F.dropout, a bernoulli_ mask)
+        for module in model.modules():
+            if isinstance(module, Dropout):
+                module.__class__ = nn.Dropout
     optimizer = build_optimizer(model, train_cfg.optim, device)
     if variant.fused_adam:
         optimizer = torch.optim.Adam(

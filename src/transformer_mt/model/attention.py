@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer_mt.model.cache import LayerCache
+from transformer_mt.model.dropout import dropout
 
 
 def _blocked(
@@ -91,7 +92,7 @@ def scaled_dot_product_attention(
         fast = q.is_cuda
     if not fast:
         weights = attention_weights(q, k, key_pad_mask, causal)
-        return F.dropout(weights, dropout_p) @ v
+        return dropout(weights, dropout_p) @ v
     t_q, t_k = q.size(-2), k.size(-2)
     if causal and key_pad_mask is None and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

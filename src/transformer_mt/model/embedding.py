@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from transformer_mt.config import ModelConfig
 from transformer_mt.errors import ConfigError
+from transformer_mt.model.dropout import Dropout
 
 
 def token_embeddings(
@@ -103,7 +104,7 @@ class Embeddings(nn.Module):
         self.token = token
         self.positions = positions
         self.scale = math.sqrt(token.embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
         """Embed `tokens` that sit at positions `start, start + 1, ...` (start > 0 when decoding

@@ -21,6 +21,7 @@ from transformer_mt.config import ModelConfig
 from transformer_mt.model.attention import CrossAttention, SelfAttention
 from transformer_mt.model.base import EncoderOutput
 from transformer_mt.model.cache import DecoderCache, LayerCache
+from transformer_mt.model.dropout import Dropout
 from transformer_mt.model.embedding import Embeddings
 
 
@@ -31,7 +32,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         for linear in (self.linear1, self.linear2):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
@@ -47,7 +48,7 @@ class _ResidualLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.pre_norm = cfg.pre_norm
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def residual(
         self, x: Tensor, norm: nn.LayerNorm, sublayer: Callable[[Tensor], Tensor]

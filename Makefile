@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup data train test lint browser clean-venv
+.PHONY: setup data train test lint browser tcmalloc clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ data: setup
 # on first use, with the preset's vocabulary settings.
 EXPERIMENT ?= $(shell $(PY) -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 
+# tcmalloc, where Debian's libtcmalloc-minimal4 is installed (`make tcmalloc`), serves the training
+# process's memory: freed memory is kept for reuse without the growth of glibc's heap
+# (train/allocator.py, docs/benchmarks.md). `make train TCMALLOC=` runs on glibc's malloc.
+TCMALLOC ?= $(shell /sbin/ldconfig -p 2>/dev/null | awk '$$1 == "libtcmalloc_minimal.so.4" {print $$NF; exit}')
+
 train: setup
-	$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
 
 # One worker process per core (pytest-xdist); a module's tests stay together. ARGS="-n 0": serial.
 test: setup
@@ -40,6 +45,13 @@ browser: setup
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 	@chromium --version
+
+# The allocator `make train` preloads where it is installed (Debian's libtcmalloc-minimal4).
+tcmalloc:
+	@/sbin/ldconfig -p | grep -q libtcmalloc_minimal.so.4 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4; }
+	@/sbin/ldconfig -p | awk '$$1 == "libtcmalloc_minimal.so.4" {print $$NF; exit}'
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

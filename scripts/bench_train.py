@@ -17,12 +17,13 @@ padding) per second.
   bf16 autocast + SDPA and bf16 autocast + explicit; ratios are against fp32 + SDPA.
 - `step` (CPU): the trainer's own step (train/step.py: label smoothing, clipping, Adam) under
   the settings of STEP_VARIANTS (glibc malloc tuning, `trainer.loss_chunk_tokens`, dropout's
-  mask drawn by F.dropout or by model/dropout.py, tcmalloc preloaded where installed), each variant in a process of its own so that its malloc settings and peak RSS are its
+  mask drawn by F.dropout or by model/dropout.py, tcmalloc preloaded where installed), each
+  variant in a process of its own so that its malloc settings and peak RSS are its
   own; `--rounds` rounds of one process per variant, the order rotated by one per round. Per
   variant: tokens/s and tokens per CPU second, minor page faults and the system-time share per
   step (resource.getrusage over the timed steps), peak RSS (ru_maxrss); medians over rounds and
-  the median of per-round ratios to `today` (no tuning, no chunks, F.dropout). With `--profile` each process
-  also prints a torch.profiler table of three steps on stderr.
+  the median of per-round ratios to `today` (no tuning, no chunks, F.dropout). With `--profile`
+  each process also prints a torch.profiler table of three steps on stderr.
 
 The machine may be shared, so timing is paired: the timed steps are cut into windows of
 `--window` steps (default 1 on CPU, 10 on CUDA, where each window ends with a device sync), and
@@ -93,7 +94,7 @@ from transformer_mt.model.embedding import (
 )
 from transformer_mt.train.allocator import keep_freed_memory, malloc_library
 from transformer_mt.train.distributed import DistInfo
-from transformer_mt.train.optim import build_optimizer, param_groups
+from transformer_mt.train.optim import build_optimizer
 from transformer_mt.train.step import Step, cpu_supports_bf16, use_amp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,13 +457,12 @@ def profile(trainee: Trainee, batches: list[Batch]) -> None:
 
 @dataclass
 class StepVariant:
-    """One way to run the trainer's step: malloc tuning, loss chunks, fused Adam, and whether
-    dropout draws its mask with F.dropout (`torch_dropout`) or as model/dropout.py does."""
+    """One way to run the trainer's step: malloc tuning, loss chunks, whether dropout draws its
+    mask with F.dropout (`torch_dropout`) or as model/dropout.py does, and a preloaded malloc."""
 
     name: str
     malloc_tuning: bool = False
     loss_chunk_tokens: int = 0
-    fused_adam: bool = False
     torch_dropout: bool = False
     preload: str = ""  # a malloc library started with the process (LD_PRELOAD), e.g. tcmalloc
 
@@ -498,14 +498,6 @@ def run_step_variant(
             if isinstance(module, Dropout):
                 module.__class__ = nn.Dropout
     optimizer = build_optimizer(model, train_cfg.optim, device)
-    if variant.fused_adam:
-        optimizer = torch.optim.Adam(
-            param_groups(model, train_cfg.optim.weight_decay),
-            lr=5e-4,
-            betas=(0.9, 0.98),
-            eps=1e-9,
-            fused=True,
-        )
     step = Step(model, optimizer, train_cfg, DistInfo(), device, amp)
     batches = synthetic_batches(
         args.warmup + args.steps, args.max_tokens, args.seed, vocab.src, vocab.tgt

@@ -5,8 +5,8 @@ expected activation is unchanged. `F.dropout` draws its mask with `bernoulli_`, 
 random-number generator per unit; on a CPU that drawing is most of dropout's cost. Here one 64-bit
 draw gives four 16-bit uniform integers u, and a unit is kept when u ≥ round(p · 2¹⁶) − 2¹⁵, that
 is with probability 1 − p to within 2⁻¹⁷. Forward and backward of a (2048, 256) bf16 tensor take
-2.8 ms instead of 10.9 ms on the 2-core CPU of docs/benchmarks.md ("CPU: dropout"), and the CPU
-preset's step has 17 of them.
+2.8 ms instead of 10.9 ms on the 2-core CPU of docs/benchmarks.md ("CPU: dropout's mask"), and the
+CPU preset's step has 17 of them.
 
 The mask comes from torch's global generator, as `F.dropout`'s does, so seeding and the resume of
 a run's random state work as before. On other devices `F.dropout` is used: its fused kernel is

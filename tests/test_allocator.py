@@ -60,9 +60,10 @@ print(malloc_library(), keep_freed_memory())
 """
 
 
-def allocator(preload: str = "") -> list[str]:
+def allocator(preload: str = "", first: str = "") -> list[str]:
     env = {**subprocess_env(), "LD_PRELOAD": preload}
-    done = subprocess.run([sys.executable, "-c", WHICH], env=env, capture_output=True, text=True)
+    program = first + WHICH
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -71,6 +72,13 @@ def allocator(preload: str = "") -> list[str]:
 def test_a_preloaded_tcmalloc_is_named_and_glibc_is_not_tuned_under_it():
     assert allocator(TCMALLOC) == ["tcmalloc", "False"]
     assert allocator() == ["glibc", "True"]
+
+
+@needs_tcmalloc
+def test_tcmalloc_loaded_but_not_serving_malloc_leaves_glibc_in_charge():
+    # A library that some package loads for itself does not replace malloc: glibc is still tuned.
+    loaded = f"import ctypes; ctypes.CDLL({TCMALLOC!r})\n"
+    assert allocator(first=loaded) == ["glibc", "True"]
 
 
 @needs_tcmalloc

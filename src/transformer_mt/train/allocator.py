@@ -39,19 +39,33 @@ PRELOADED = {"libtcmalloc": "tcmalloc", "libjemalloc": "jemalloc", "libmimalloc"
 
 
 def malloc_library() -> str:
-    """The allocator serving malloc in this process: "tcmalloc", "jemalloc" or "mimalloc" when
-    one is mapped into it (preloaded), else the C library's name ("glibc", "musl", ... or "" where
-    Python cannot tell)."""
+    """The allocator serving malloc in this process. On glibc: "glibc" when `malloc` resolves to
+    the C library's own, else the library whose code it resolves to ("tcmalloc", "jemalloc",
+    "mimalloc", or that file's name), as a preload makes it. Elsewhere the C library's name
+    ("musl", ... or "" where Python cannot tell)."""
+    libc_name, _ = platform.libc_ver()
+    if libc_name != "glibc":
+        return libc_name
+    address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value  # what callers get
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if address == ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+        return "glibc"
+    name = _mapped_file(address)
+    return next((a for prefix, a in PRELOADED.items() if name.startswith(prefix)), name)
+
+
+def _mapped_file(address: int | None) -> str:
+    """The file name of the mapping that holds `address` (/proc/self/maps), or ""."""
     try:
         maps = Path("/proc/self/maps").read_text()
-    except OSError:  # not Linux
-        maps = ""
+    except OSError:
+        return ""
     for line in maps.splitlines():
-        name = line.rpartition("/")[2]
-        for prefix, allocator in PRELOADED.items():
-            if name.startswith(prefix):
-                return allocator
-    return platform.libc_ver()[0]
+        span, *rest = line.split()
+        low, high = (int(part, 16) for part in span.split("-"))
+        if address is not None and low <= address < high and len(rest) >= 5:
+            return rest[4].rpartition("/")[2]
+    return ""
 
 
 def keep_freed_memory(trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES) -> bool:

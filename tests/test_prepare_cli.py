@@ -76,7 +76,19 @@ def test_the_script_prepares_en_fr_and_a_second_run_loads_the_cache(tmp_path, mu
 
 
 def test_the_entry_point_loads_neither_torch_nor_spacy_until_it_prepares():
-    assert_imports_leave_out(["transformer_mt.cli.prepare"], ["torch", "spacy"])
+    # ... and the other entry points leave plotting, TensorBoard and spaCy until they are used:
+    # each of those costs start-up time (matplotlib alone about 0.35 s) that a short command,
+    # or a test starting one, pays for nothing.
+    commands = [
+        "transformer_mt.cli.train",
+        "transformer_mt.cli.translate",
+        "transformer_mt.cli.evaluate",
+    ]
+    assert_imports_leave_out(
+        ["transformer_mt.cli.prepare"],
+        ["torch", "spacy"],
+        (commands, ["matplotlib", "tensorboard", "spacy"]),
+    )
 
 
 def test_the_summary_reports_counts_vocabulary_and_padding(monkeypatch, capsys, multi30k_de_en):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from train_support import compose_config, overrides, run_cli, run_train, write_reversal_corpus
+from train_support import compose_config, overrides, run_train, write_reversal_corpus
 
 from transformer_mt.errors import ConfigError
 from transformer_mt.model.attention import scaled_dot_product_attention
@@ -97,7 +97,8 @@ def test_forcing_bf16_on_a_cpu_without_it_is_a_one_line_error(tmp_path, monkeypa
     assert not (tmp_path / "saved" / "amp" / "last.pt").exists()
 
 
-def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:optuna")  # its SQLAlchemy 1.x import
+def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path, monkeypatch, capsys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     corpus = write_reversal_corpus(tmp_path / "corpus", n_train=100, n_val=5)
     args = overrides(
@@ -112,8 +113,8 @@ def test_optuna_sweep_runs_two_trials_and_writes_the_best_parameters(tmp_path):
         "model.d_ff=64",  # with dec_layers, keeps the largest trial model quick to train
         "model.dec_layers=1",
     )
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stderr = run_train(args, monkeypatch, capsys)  # the entry point, in-process
+    assert code == 0, stderr[-3000:]
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna"
     best = results["best_params"]

@@ -19,6 +19,7 @@ from train_support import (
     TRAIN_SCRIPT,
     overrides,
     run_cli,
+    run_train,
     subprocess_env,
     write_reversal_corpus,
 )
@@ -164,7 +165,7 @@ def test_log_shows_samples_and_the_averaged_model(finished_run):
     assert "training stopped:" in text
 
 
-def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path):
+def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path, monkeypatch, capsys):
     corpus = write_reversal_corpus(tmp_path / "corpus", n_train=1000, n_val=20)
     args = overrides(corpus, tmp_path, "stopped", "trainer.max_epochs=2", "data.max_tokens=150")
     saved = tmp_path / "saved" / "stopped"
@@ -190,19 +191,19 @@ def test_ctrl_c_saves_last_checkpoint_and_resume_continues(tmp_path):
     assert state["progress"]["epoch"] == 1
     assert not (saved / "train.lock").exists()
 
-    resumed = run_cli([*args, "trainer.resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, stderr = run_train([*args, "trainer.resume=true"], monkeypatch, capsys)  # in-process
+    assert code == 0, stderr[-3000:]
     last = torch.load(saved / "last.pt", weights_only=True)
     assert last["epoch"] == 2
     epochs = [row["epoch"] for row in _rows(tmp_path / "result" / "stopped")]
     assert epochs == ["1", "2"]
 
 
-def test_multirun_gives_each_job_its_own_run(tmp_path):
+def test_multirun_gives_each_job_its_own_run(tmp_path, monkeypatch, capsys):
     corpus = write_reversal_corpus(tmp_path / "corpus", n_train=100, n_val=10)
     args = overrides(corpus, tmp_path, "sweep", "trainer.max_epochs=1", "optim.lr=1e-3,2e-3")
-    result = run_cli(["-m", *args])
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stderr = run_train(["-m", *args], monkeypatch, capsys)  # the entry point, in-process
+    assert code == 0, stderr[-3000:]
     for job in (0, 1):
         assert (tmp_path / "saved" / f"sweep-{job}" / "last.pt").is_file()
         assert (tmp_path / "result" / f"sweep-{job}" / "metrics.csv").is_file()

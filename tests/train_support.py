@@ -84,11 +84,16 @@ def overrides(
     ]
 
 
-def assert_imports_leave_out(modules: list[str], absent: list[str]) -> None:
-    """In a fresh interpreter, importing `modules` loads none of `absent`."""
-    code = f"import sys\nimport {', '.join(modules)}\n" + "".join(
-        f"assert {name!r} not in sys.modules, {name!r}\n" for name in absent
-    )
+def assert_imports_leave_out(
+    modules: list[str], absent: list[str], *then: tuple[list[str], list[str]]
+) -> None:
+    """In a fresh interpreter, importing `modules` loads none of `absent`; each further
+    (modules, absent) pair of `then` is checked after it, in the same interpreter (one start-up)."""
+    code = "import sys\n"
+    for imported, left_out in ((modules, absent), *then):
+        code += f"import {', '.join(imported)}\n" + "".join(
+            f"assert {name!r} not in sys.modules, {name!r}\n" for name in left_out
+        )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -14,7 +14,6 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from matplotlib.image import imread
 from tqdm import tqdm
 
 from transformer_mt.config import TrainConfig
@@ -178,6 +177,8 @@ class Reporter:
             path,
             title=f"validation sentence {index}, step {step}",
         )
+        from matplotlib.image import imread  # loaded at the first picture, not at start-up
+
         self.logger.image("val/attention", imread(path)[..., :3], step)
 
     def end(

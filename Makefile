@@ -28,11 +28,12 @@ EXPERIMENT ?= $(shell $(PY) -c "import torch; print('gpu' if torch.cuda.is_avail
 
 # tcmalloc, where Debian's libtcmalloc-minimal4 is installed (`make tcmalloc`), serves the training
 # process's memory: freed memory is kept for reuse without the growth of glibc's heap
-# (train/allocator.py, docs/benchmarks.md). `make train TCMALLOC=` runs on glibc's malloc.
+# (train/allocator.py, docs/benchmarks.md). `make train TCMALLOC=` runs on glibc's malloc; a
+# LD_PRELOAD of your own is kept, after tcmalloc.
 TCMALLOC ?= $(shell /sbin/ldconfig -p 2>/dev/null | awk '$$1 == "libtcmalloc_minimal.so.4" {print $$NF; exit}')
 
 train: setup
-	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC)$(if $(LD_PRELOAD),:$(LD_PRELOAD)) )$(PY) scripts/train.py experiment=$(EXPERIMENT) $(ARGS)
 
 # One worker process per core (pytest-xdist); a module's tests stay together. ARGS="-n 0": serial.
 test: setup

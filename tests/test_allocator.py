@@ -84,8 +84,8 @@ def test_tcmalloc_loaded_but_not_serving_malloc_leaves_glibc_in_charge():
 @needs_tcmalloc
 @pytest.mark.skipif(not shutil.which("make"), reason="needs make")
 def test_make_train_preloads_tcmalloc_unless_told_not_to():
-    def train_command(*args: str) -> str:
-        env = {**os.environ, "MAKEFLAGS": ""}
+    def train_command(*args: str, **environ: str) -> str:
+        env = {**os.environ, "MAKEFLAGS": "", **environ}
         done = subprocess.run(
             ["make", "-n", "train", "EXPERIMENT=cpu", *args],
             cwd=REPO,
@@ -99,3 +99,6 @@ def test_make_train_preloads_tcmalloc_unless_told_not_to():
     preloaded = train_command()
     assert preloaded.startswith("LD_PRELOAD=/") and "libtcmalloc_minimal.so.4 " in preloaded
     assert train_command("TCMALLOC=").startswith(".venv/bin/python scripts/train.py")
+    # A preload of the user's own is kept, after tcmalloc (libm: harmless to preload).
+    theirs = train_command(LD_PRELOAD="libm.so.6")
+    assert theirs.startswith("LD_PRELOAD=/") and "libtcmalloc_minimal.so.4:libm.so.6 " in theirs

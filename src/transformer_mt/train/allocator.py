@@ -60,10 +60,12 @@ def _mapped_file(address: int | None) -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return ""
+    if address is None:
+        return ""
     for line in maps.splitlines():
         span, *rest = line.split()
         low, high = (int(part, 16) for part in span.split("-"))
-        if address is not None and low <= address < high and len(rest) >= 5:
+        if low <= address < high and len(rest) >= 5:
             return rest[4].rpartition("/")[2]
     return ""
 

@@ -38,7 +38,7 @@ def finished_run(tmp_path_factory):
         corpus,
         root,
         "reverse",
-        "trainer.max_epochs=20",
+        "trainer.max_epochs=16",
         "trainer.max_time=1",  # minutes: the whole budget of training
         "trainer.patience=0",
         "trainer.keep_last=2",

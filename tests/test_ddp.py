@@ -5,25 +5,18 @@ normalised by the target tokens of all ranks; one process with `trainer.accumula
 pairs of batches in the same order and normalises the same way. The two runs differ only in the
 order of floating-point sums (DDP's all-reduce against accumulation in place), so their metrics
 agree to rounding: validation loss to 1e-4 relative, BLEU to 0.5 points.
-
-Both two-process runs of this module come from one `torchrun` launch of tests/ddp_harness.py, which
-calls the `mt-train` entry point (what scripts/train.py calls) once per run in each rank: the
-launcher and the ranks pay their start-up once. Each run sets up and tears down its process group
-as a run of its own would.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from train_support import (
     REPO,
+    TRAIN_SCRIPT,
     OneThread,
     compose_config,
     overrides,
@@ -39,9 +32,6 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 400
 
 
-HARNESS = REPO / "tests" / "ddp_harness.py"
-
-
 def _even_batch_count_limit(corpus) -> int:
     """A data.limit_train giving an even number of batches (no padding of the DDP shards)."""
     src = [len(line.split()) for line in corpus["train_src"].read_text().splitlines()]
@@ -51,6 +41,53 @@ def _even_batch_count_limit(corpus) -> int:
         if sampler.num_global_batches % 2 == 0:
             return limit
     raise AssertionError("no limit_train in 1000..1090 gives an even batch count")
+
+
+def _rows(result_dir):
+    with open(result_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=1100, n_val=40)
+    limit = _even_batch_count_limit(corpus)
+    common = ("trainer.max_epochs=4", f"data.limit_train={limit}", f"data.max_tokens={MAX_TOKENS}")
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(TRAIN_SCRIPT),
+            *overrides(corpus, tmp_path, "ddp", *common),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with OneThread():
+        train(
+            compose_config(overrides(corpus, tmp_path, "single", *common, "trainer.accumulate=2"))
+        )
+
+    ddp, single = _rows(tmp_path / "result" / "ddp"), _rows(tmp_path / "result" / "single")
+    assert len(ddp) == len(single) == 4
+    assert float(ddp[-1]["val_loss"]) < 0.8 * float(ddp[0]["val_loss"])  # it does learn
+    for a, b in zip(ddp, single, strict=True):
+        assert a["step"] == b["step"]
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
+        assert float(a["val_bleu"]) == pytest.approx(float(b["val_bleu"]), abs=0.5)
+    # Only rank 0 wrote: one run folder each, and no stray Hydra output from rank 1.
+    assert sorted(p.name for p in (tmp_path / "result").iterdir()) == ["ddp", "single"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["ddp", "single"]
+    assert "x 2 processes" in (tmp_path / "result" / "ddp" / "train.log").read_text()
+    assert not (REPO / "train.log").exists()
 
 
 def _odd_batch_count_limit(corpus) -> tuple[int, int]:
@@ -65,41 +102,10 @@ def _odd_batch_count_limit(corpus) -> tuple[int, int]:
     raise AssertionError("no limit_train in 300..395 gives an odd batch count")
 
 
-@dataclass(frozen=True)
-class Launched:
-    """The two-process runs of this module, trained by one torchrun launch."""
-
-    even: Path  # the folder of the run over an even batch count ("ddp")
-    even_corpus: dict[str, Path]
-    even_common: tuple[str, ...]
-    odd: Path  # the folder of the run over an odd batch count ("odd")
-    odd_corpus: dict[str, Path]
-    odd_common: tuple[str, ...]
-    odd_batches: int
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Launched:
-    """`torchrun --nproc_per_node=2` of the entry point, once for both runs (tests/ddp_harness.py):
-    the launcher and its two ranks start, and import torch, once."""
-    even = tmp_path_factory.mktemp("even")
-    corpus = write_reversal_corpus(even / "corpus", n_train=1100, n_val=40)
-    limit = _even_batch_count_limit(corpus)
-    even_common = (
-        "trainer.max_epochs=4",
-        f"data.limit_train={limit}",
-        f"data.max_tokens={MAX_TOKENS}",
-    )
-
-    odd = tmp_path_factory.mktemp("odd")
-    odd_corpus = write_reversal_corpus(odd / "corpus", n_train=400, n_val=20)
-    odd_limit, batches = _odd_batch_count_limit(odd_corpus)
-    odd_common = (f"data.limit_train={odd_limit}", f"data.max_tokens={MAX_TOKENS}")
-
-    runs = [
-        overrides(corpus, even, "ddp", *even_common),
-        overrides(odd_corpus, odd, "odd", *odd_common, "trainer.max_epochs=2"),
-    ]
+def test_an_odd_batch_count_trains_and_resumes_with_another_process_count(tmp_path):
+    corpus = write_reversal_corpus(tmp_path / "corpus", n_train=400, n_val=20)
+    limit, batches = _odd_batch_count_limit(corpus)
+    common = (f"data.limit_train={limit}", f"data.max_tokens={MAX_TOKENS}")
     result = subprocess.run(
         [
             sys.executable,
@@ -107,8 +113,8 @@ def launched(tmp_path_factory) -> Launched:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(HARNESS),
-            json.dumps(runs),
+            str(TRAIN_SCRIPT),
+            *overrides(corpus, tmp_path, "odd", *common, "trainer.max_epochs=2"),
         ],
         cwd=REPO,
         env=subprocess_env(),
@@ -117,38 +123,7 @@ def launched(tmp_path_factory) -> Launched:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return Launched(even, corpus, even_common, odd, odd_corpus, odd_common, batches)
-
-
-def _rows(result_dir):
-    with open(result_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def test_two_processes_match_one_process_on_the_same_global_batches(launched):
-    root, corpus, common = launched.even, launched.even_corpus, launched.even_common
-    with OneThread():
-        train(compose_config(overrides(corpus, root, "single", *common, "trainer.accumulate=2")))
-
-    ddp, single = _rows(root / "result" / "ddp"), _rows(root / "result" / "single")
-    assert len(ddp) == len(single) == 4
-    assert float(ddp[-1]["val_loss"]) < 0.8 * float(ddp[0]["val_loss"])  # it does learn
-    for a, b in zip(ddp, single, strict=True):
-        assert a["step"] == b["step"]
-        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
-        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
-        assert float(a["val_bleu"]) == pytest.approx(float(b["val_bleu"]), abs=0.5)
-    # Only rank 0 wrote: one run folder each, and no stray Hydra output from rank 1.
-    assert sorted(p.name for p in (root / "result").iterdir()) == ["ddp", "single"]
-    assert sorted(p.name for p in (root / "saved").iterdir()) == ["ddp", "single"]
-    assert "x 2 processes" in (root / "result" / "ddp" / "train.log").read_text()
-    assert not (REPO / "train.log").exists()
-
-
-def test_an_odd_batch_count_trains_and_resumes_with_another_process_count(launched):
-    root, corpus, common = launched.odd, launched.odd_corpus, launched.odd_common
-    batches = launched.odd_batches
-    rows = _rows(root / "result" / "odd")
+    rows = _rows(tmp_path / "result" / "odd")
     # Each rank takes ceil(batches / 2) steps an epoch: the odd batch out is padded, not dropped.
     per_rank = (batches + 1) // 2
     assert [(row["epoch"], int(row["step"])) for row in rows] == [
@@ -158,7 +133,7 @@ def test_an_odd_batch_count_trains_and_resumes_with_another_process_count(launch
     # One process continues the two-process run: its third epoch is every batch, on one rank.
     with OneThread():
         resumed = ("trainer.max_epochs=3", "trainer.resume=true")
-        train(compose_config(overrides(corpus, root, "odd", *common, *resumed)))
-    rows = _rows(root / "result" / "odd")
+        train(compose_config(overrides(corpus, tmp_path, "odd", *common, *resumed)))
+    rows = _rows(tmp_path / "result" / "odd")
     assert [(row["epoch"], int(row["step"])) for row in rows][2] == ("3", 2 * per_rank + batches)
     assert float(rows[2]["val_loss"]) < float(rows[0]["val_loss"])

@@ -83,9 +83,8 @@ STREAM_LINES = 100_000
 # Peak resident memory allowed for translating the 100,000-line stream (torch and spaCy alone take
 # about 300 MB on their own); measured: 306 MB (docs/benchmarks.md, "Reliability").
 STREAM_PEAK_RSS_MB = 500
-# What the 100,000-line stream may take beyond its first 1,000 lines. Measured on the 2-core CPU, with
-# the 1,000 lines as a run of their own: 2 MB (306 → 308 MB); with every input line and its
-# translation kept as Python strings, 18 MB.
+# What the 100,000-line stream may take beyond its first 1,000 lines. Measured on the 2-core CPU:
+# 1 MB (305 → 306 MB); with every input line and its translation kept as Python strings, 16 MB.
 STREAM_GROWTH_MB = 10
 
 

@@ -67,6 +67,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         vocabs = init.vocabs if init is not None else None
         data = _load_data(cfg, vocabs, info)
         trainer = Trainer(cfg, data, paths, info, device)
+        cleanup.callback(trainer.step.release_ddp)  # runs before shutdown_distributed: see there
         _check_validation_split(trainer, cfg)
         resumed = None
         if cfg.trainer.resume:

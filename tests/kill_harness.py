@@ -31,6 +31,8 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 
@@ -111,26 +113,36 @@ def run_forked(point: str, nth: int, args: list[str], log: str) -> int:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the serving loop
-        code = 1
-        try:
+
+        def run() -> None:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             arm(point, nth)
             sys.argv = [sys.argv[0], *args]
             train_cli.main()
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+
+        exit_child(run)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def exit_child(run: Callable[[], None]) -> NoReturn:
+    """In a forked child: call `run`, then leave with its exit status (0, its SystemExit code,
+    or 1 after printing the exception), never returning into the parent's code."""
+    code = 1
+    try:
+        run()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def serve() -> None:

@@ -15,16 +15,16 @@ run uses this harness.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import sys
 import threading
-import traceback
+from typing import NoReturn
 
 import torch
 import torch.distributed  # noqa: F401  (loaded before the fork, as the rest below)
+from kill_harness import exit_child
 
 from transformer_mt.cli import train as train_cli
 
@@ -35,10 +35,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run_rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
-    """The child: the entry point as rank `rank` of `nproc`; never returns."""
-    code = 1
-    try:
+def _run_rank(rank: int, nproc: int, port: int, args: list[str]) -> NoReturn:
+    """The child: the entry point as rank `rank` of `nproc`."""
+
+    def run() -> None:
         os.environ.update(
             RANK=str(rank),
             LOCAL_RANK=str(rank),
@@ -49,16 +49,8 @@ def _run_rank(rank: int, nproc: int, port: int, args: list[str]) -> None:
         )
         sys.argv = [sys.argv[0], *args]
         train_cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    exit_child(run)
 
 
 def main(nproc: int, args: list[str]) -> int:

@@ -52,6 +52,14 @@ def _even_batch_count_limit(corpus) -> int:
     raise AssertionError("no limit_train in 1000..1090 gives an even batch count")
 
 
+def _launch(command: list[str]) -> None:
+    """Run a two-process job's command from the checkout; it must succeed."""
+    result = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def _rows(result_dir):
     with open(result_dir / "metrics.csv", newline="") as handle:
         return list(csv.DictReader(handle))
@@ -62,7 +70,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     limit = _even_batch_count_limit(corpus)
     common = ("trainer.max_epochs=4", f"data.limit_train={limit}", f"data.max_tokens={MAX_TOKENS}")
 
-    result = subprocess.run(
+    _launch(
         [
             sys.executable,
             "-m",
@@ -72,13 +80,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
             str(TRAIN_SCRIPT),
             *overrides(corpus, tmp_path, "ddp", *common),
         ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     with OneThread():
         train(
             compose_config(overrides(corpus, tmp_path, "single", *common, "trainer.accumulate=2"))
@@ -115,20 +117,14 @@ def test_an_odd_batch_count_trains_and_resumes_with_another_process_count(tmp_pa
     corpus = write_reversal_corpus(tmp_path / "corpus", n_train=400, n_val=20)
     limit, batches = _odd_batch_count_limit(corpus)
     common = (f"data.limit_train={limit}", f"data.max_tokens={MAX_TOKENS}")
-    result = subprocess.run(
+    _launch(
         [
             sys.executable,
             str(RANK_HARNESS),
             "2",
             *overrides(corpus, tmp_path, "odd", *common, "trainer.max_epochs=2"),
         ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(tmp_path / "result" / "odd")
     # Each rank takes ceil(batches / 2) steps an epoch: the odd batch out is padded, not dropped.
     per_rank = (batches + 1) // 2
